@@ -1,0 +1,184 @@
+"""The adapter contract shared by every variant (SPEC §0): a frozen linear plus a low-rank update.
+
+Pure PyTorch: no Lightning, Hydra or transformers imports, so this folder can be lifted into any loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass
+class LayerSpec:
+    """Everything needed to rebuild one adapter layer deterministically (a plan entry is one of these).
+
+    Only the fields a variant uses matter to it; the rest keep their defaults.
+    """
+
+    kind: str
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False  # LoRA: s = alpha/sqrt(r) instead of alpha/r
+    n_blocks: int = 1  # RaLoRA: block-diagonal blocks
+    k: int = 1  # GraLoRA: k x k grid
+    hybrid_r: int = 0  # Hybrid GraLoRA: extra dense rank
+    scale: float | None = None  # explicit scale override (RaLoRA alpha/r_ref)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"LayerSpec: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        return cls(**data)
+
+
+def kaiming_uniform_(weight: torch.Tensor, fan_in: int | None = None) -> torch.Tensor:
+    """nn.Linear's default init (Kaiming-uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+    `fan_in` may be given for batched block factors whose last dim is not the true fan-in.
+    """
+    fan_in = weight.shape[-1] if fan_in is None else fan_in
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        return weight.uniform_(-bound, bound)
+
+
+class AdapterLayer(nn.Module):
+    """Base for "a frozen nn.Linear plus a low-rank update".
+
+    Subclasses implement `update(x)` (the scaled ΔW·x through the factors, never materialising ΔW),
+    `delta_weight()` (dense ΔW), `equivalent_rank`, `expected_num_trainable` and `spec()`.
+    """
+
+    kind: ClassVar[str] = ""
+
+    def __init__(self, base: nn.Linear, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise TypeError(
+                f"{type(self).__name__} wraps torch.nn.Linear, got {type(base).__name__}"
+                " (transformers' GPT-2 Conv1D is not supported: its weight is stored transposed)"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"adapter.dropout must be in [0, 1), got {dropout}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def dropout_p(self) -> float:
+        return float(self.dropout.p) if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, so code that reads `layer.weight` (e.g. HF tying checks) still works."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def _factory(self) -> dict[str, Any]:
+        """dtype/device for new adapter parameters: those of the base weight (fp32 if it is quantised)."""
+        w = self.base.weight
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        return {"dtype": dtype, "device": w.device}
+
+    # --- to implement -------------------------------------------------------------------------
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled low-rank update ΔW·x, computed through the factors."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> torch.Tensor:
+        """Dense ΔW (out x in) for merge, tests and diagnostics."""
+        raise NotImplementedError
+
+    @property
+    def equivalent_rank(self) -> int:
+        """Upper bound on rank(ΔW)."""
+        raise NotImplementedError
+
+    @property
+    def expected_num_trainable(self) -> int:
+        """The paper's parameter-count formula for this layer."""
+        raise NotImplementedError
+
+    def spec(self) -> LayerSpec:
+        raise NotImplementedError
+
+    @classmethod
+    def from_spec(cls, base: nn.Linear, spec: LayerSpec) -> AdapterLayer:
+        raise NotImplementedError
+
+    # --- shared behaviour ---------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.update(self.dropout(x)).to(y.dtype)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters of the update (everything but the frozen base)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("base.")]
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.adapter_parameters())
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold ΔW into the base weight; forward then costs exactly the base linear."""
+        if self.merged:
+            return
+        w = self.base.weight
+        w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge()` (exact up to floating-point rounding)."""
+        if not self.merged:
+            return
+        w = self.base.weight
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    def summary(self) -> dict[str, Any]:
+        """Structure for results.json: the spec plus the shape and counts."""
+        return {
+            **self.spec().to_dict(),
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "num_trainable": self.num_trainable,
+            "equivalent_rank": self.equivalent_rank,
+        }
+
+    def extra_repr(self) -> str:
+        s = self.spec()
+        return f"kind={s.kind}, r={s.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
+
+
+def check_rank(r: int, field: str = "adapter.r") -> None:
+    """Shared validation: a rank is a positive int."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"{field} must be a positive integer, got {r!r}")

@@ -1,0 +1,7 @@
+"""Placeholder: being written."""
+
+from .base import AdapterLayer
+
+
+class GraLoRALinear(AdapterLayer):
+    kind = "gralora"

@@ -1,0 +1,108 @@
+"""Swap the target nn.Linear layers of a model for adapter layers, from a spec or a per-module plan."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+from torch import nn
+
+from .base import AdapterLayer, LayerSpec
+
+SpecSource = LayerSpec | Mapping[str, LayerSpec] | Callable[[str, nn.Linear], LayerSpec]
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Qualified names of every nn.Linear in the model (what target patterns may match)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, AdapterLayer)]
+
+
+def _matches(name: str, target_modules: Iterable[str] | str) -> bool:
+    """peft semantics: a string is a full-match regex; a list matches a name equal to or ending in `.item`."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules: Iterable[str] | str) -> list[str]:
+    """Names of the linear layers matched by `target_modules`; a clear error when none match."""
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+        if not target_modules:
+            raise ValueError("adapter.target_modules is empty: give module-name suffixes or a regex")
+    names = [n for n in linear_names(model) if _matches(n, target_modules)]
+    if not names:
+        convs = [n for n, m in model.named_modules() if _is_conv1d(m) and _matches(n, target_modules)]
+        if convs:
+            raise ValueError(
+                f"adapter.target_modules={target_modules!r} matches transformers Conv1D layers {convs[:4]} "
+                "(GPT-2 style); only torch.nn.Linear is supported"
+            )
+        suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
+        raise ValueError(
+            f"adapter.target_modules={target_modules!r} matches no linear layer. "
+            f"Linear layer names in this model end in: {suffixes}"
+        )
+    return names
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def inject(
+    model: nn.Module,
+    target_modules: Iterable[str] | str,
+    spec: SpecSource,
+    registry: Mapping[str, type[AdapterLayer]] | None = None,
+) -> dict[str, AdapterLayer]:
+    """Freeze the model, then replace every matched linear by the adapter its spec names.
+
+    `spec` is one LayerSpec for all targets, a {module name: LayerSpec} plan, or a callable.
+    Returns {qualified name: adapter layer} in model order.
+    """
+    from . import ADAPTER_CLASSES
+
+    registry = ADAPTER_CLASSES if registry is None else registry
+    targets = find_targets(model, target_modules)
+    specs: dict[str, LayerSpec] = {}
+    for name in targets:
+        base = model.get_submodule(name)
+        if isinstance(spec, LayerSpec):
+            specs[name] = spec
+        elif isinstance(spec, Mapping):
+            if name not in spec:
+                raise ValueError(f"adapter plan has no entry for target module {name!r}")
+            specs[name] = spec[name]
+        else:
+            specs[name] = spec(name, base)
+        if specs[name].kind not in registry:
+            raise ValueError(f"adapter kind {specs[name].kind!r} unknown; allowed: {sorted(registry)}")
+    # build every layer before touching the model, so a bad spec leaves it unchanged
+    freeze(model)
+    built = {name: registry[specs[name].kind].from_spec(model.get_submodule(name), specs[name]) for name in targets}
+    for name, layer in built.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
+    return built
+
+
+def adapter_layers(model: nn.Module) -> dict[str, AdapterLayer]:
+    """{qualified name of the wrapped linear: adapter layer} for every adapter in the model."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+
+
+def merge_all(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base linears back (for export)."""
+    for name, layer in adapter_layers(model).items():
+        layer.merge()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.base)
+    return model

@@ -1,0 +1,144 @@
+"""SPEC §0 contract, checked for every adapter configuration in tests/adapter_cases.py."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_ralora.adapters import ADAPTER_CLASSES, LayerSpec, inject
+from tests.adapter_cases import CASES, IN, OUT, Case
+
+ids = [c.name for c in CASES]
+
+
+def _base(seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(IN, OUT)
+
+
+def _randomise(layer) -> None:
+    """Give the update non-zero factors (B starts at zero, which would make every check trivial)."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _trained_layer(case: Case, seed: int = 0):
+    layer = case.build(_base(seed))
+    _randomise(layer)
+    case.prepare(layer)
+    return layer
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_step0_output_equals_base(case: Case) -> None:
+    base = _base()
+    ref = nn.Linear(IN, OUT)
+    ref.load_state_dict(base.state_dict())
+    layer = case.build(base)
+    x = torch.randn(3, 5, IN)
+    torch.testing.assert_close(layer(x), ref(x), rtol=0, atol=0)
+    assert torch.count_nonzero(layer.delta_weight()) == 0
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_forward_equals_dense_formula(case: Case) -> None:
+    layer = _trained_layer(case)
+    assert torch.count_nonzero(layer.delta_weight()) > 0
+    x = torch.randn(7, IN)
+    w = layer.base.weight + layer.delta_weight()
+    torch.testing.assert_close(layer(x), x @ w.T + layer.base.bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_merge_unmerge_round_trip(case: Case) -> None:
+    layer = _trained_layer(case)
+    x = torch.randn(4, IN)
+    w0 = layer.base.weight.clone()
+    before = layer(x)
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer.base.weight, w0 + layer.delta_weight(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nn.functional.linear(x, layer.base.weight, layer.base.bias), before, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_num_trainable_equals_formula(case: Case) -> None:
+    layer = case.build(_base())
+    by_hand = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    assert layer.num_trainable == by_hand == case.params_formula(OUT, IN) == layer.expected_num_trainable
+    assert layer.equivalent_rank >= 1
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_only_adapter_parameters_change(case: Case) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, IN), nn.ReLU(), nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 3))
+    spec = case.build(nn.Linear(IN, OUT)).spec()
+    layers = inject(model, ["2"], spec)
+    layer = layers["2"]
+    _randomise(layer)
+    case.prepare(layer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"2.{n}" for n, p in layer.named_parameters() if not n.startswith("base.")}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = model(torch.randn(8, IN)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (n in trainable), f"{n}: changed={changed}, trainable={n in trainable}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_spec_rebuilds_same_structure(case: Case) -> None:
+    layer = _trained_layer(case)
+    spec = LayerSpec.from_dict(json.loads(json.dumps(layer.spec().to_dict())))
+    rebuilt = ADAPTER_CLASSES[spec.kind].from_spec(_base(), spec)
+    assert {n: p.shape for n, p in rebuilt.state_dict().items()} == {n: p.shape for n, p in layer.state_dict().items()}
+    rebuilt.load_state_dict(layer.state_dict())
+    x = torch.randn(5, IN)
+    torch.testing.assert_close(rebuilt(x), layer(x), rtol=0, atol=0)
+
+
+def test_save_load_in_fresh_process_gives_identical_outputs(tmp_path) -> None:
+    x = torch.randn(6, IN)
+    saved = {}
+    for case in CASES:
+        layer = _trained_layer(case)
+        torch.save({"spec": layer.spec().to_dict(), "state": layer.state_dict()}, tmp_path / f"{case.name}.pt")
+        saved[case.name] = layer(x).detach()
+    torch.save({"x": x, "out": saved}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from torch import nn
+        from lightning_ralora.adapters import ADAPTER_CLASSES, LayerSpec
+        exp = torch.load(r"{tmp_path / 'expected.pt'}")
+        for name, out in exp["out"].items():
+            blob = torch.load(r"{tmp_path}" + "/" + name + ".pt")
+            spec = LayerSpec.from_dict(blob["spec"])
+            layer = ADAPTER_CLASSES[spec.kind].from_spec(nn.Linear({IN}, {OUT}), spec)
+            layer.load_state_dict(blob["state"])
+            assert torch.equal(layer(exp["x"]), out), name
+        print("checked", len(exp["out"]))
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"checked {len(CASES)}" in res.stdout
