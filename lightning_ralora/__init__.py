@@ -1,0 +1,1 @@
+"""lightning_ralora: LoRA-variant research on Lightning."""

@@ -1,0 +1,234 @@
+"""One LightningModule for every variant: builds the backbone, applies the adapter plan, trains any task."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics import MeanMetric
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from ..adapters import LayerSpec, adapter_layers, find_targets, inject, merge_all
+from ..plan import AdapterPlan, uniform_plan
+from ..tasks import TASKS
+from .backbone import build_backbone
+
+LAYER_KINDS = ("lora", "ralora", "gralora", "sds")
+PLAN_KEY = "adapter_plan"
+
+
+def spec_from_cfg(adapter_cfg: Mapping[str, Any]) -> LayerSpec:
+    """The uniform LayerSpec a config describes (LoRA, rsLoRA, LoRA+, GraLoRA, SDS)."""
+    return LayerSpec(
+        kind=adapter_cfg["kind"],
+        r=int(adapter_cfg["r"]),
+        alpha=float(adapter_cfg["alpha"]),
+        dropout=float(adapter_cfg.get("dropout", 0.0)),
+        rslora=bool(adapter_cfg.get("rslora", False)),
+        k=int(adapter_cfg.get("k", 1)),
+        hybrid_r=int(adapter_cfg.get("hybrid_r", 0)),
+    )
+
+
+def read_plan(ckpt_path: str | Path) -> AdapterPlan | None:
+    """The adapter plan stored in a Lightning checkpoint (None if it has none)."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    return AdapterPlan.from_dict(ckpt[PLAN_KEY]) if ckpt.get(PLAN_KEY) else None
+
+
+def _batch_size(batch: Any) -> int:
+    return len(batch["input_ids"]) if isinstance(batch, Mapping) else len(batch)
+
+
+class AdapterModule(L.LightningModule):
+    """Backbone + adapter + task. Adapters are injected in `configure_model`, i.e. after callbacks' `setup`
+    (where the GID warm-up builds the plan) and before DDP/FSDP wrapping."""
+
+    def __init__(
+        self,
+        model_cfg: Mapping[str, Any],
+        task_cfg: Mapping[str, Any],
+        adapter_cfg: Mapping[str, Any],
+        optim_cfg: Mapping[str, Any],
+        seed: int = 0,
+        run_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["run_dir"])
+        self.model_cfg, self.adapter_cfg, self.optim_cfg = dict(model_cfg), dict(adapter_cfg), dict(optim_cfg)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.task = TASKS[task_cfg["name"]](task_cfg, model_cfg, seed)
+        self.backbone = build_backbone(self.model_cfg, self.task.extra_model_config())
+        self.task.prepare(self.backbone)
+        patterns = self.adapter_cfg.get("target_modules") or self.model_cfg["target_modules"]
+        self.targets = find_targets(self.backbone, patterns)
+        self.plan: AdapterPlan | None = None
+        self.adapted = False
+        self.metrics = self.task.metrics()
+        self.val_loss = MeanMetric()  # exact mean over the whole validation set, synced across ranks
+        self.val_loss0: float | None = None
+        self.strict_loading = False  # checkpoints of pretrained backbones hold only the trainable state
+
+    # --- structure ----------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.adapter_cfg["kind"]
+
+    def configure_model(self) -> None:
+        """Apply the adapter once: from the plan (GID callback or checkpoint) or the uniform config."""
+        if self.adapted:
+            return
+        if self.kind == "full":
+            for p in self.backbone.parameters():
+                p.requires_grad_(True)
+        elif self.kind == "peft":
+            self._apply_peft()
+        else:
+            ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+            if self.plan is None and ckpt_path:
+                self.plan = read_plan(ckpt_path)
+            if self.plan is None:
+                if self.adapter_cfg.get("needs_gid"):
+                    raise RuntimeError(
+                        f"adapter={self.adapter_cfg['name']} needs a plan from the GID warm-up callback "
+                        "(lightning_ralora.callbacks.GIDWarmup) or a checkpoint; none was given"
+                    )
+                self.plan = uniform_plan(self.backbone, self.targets, spec_from_cfg(self.adapter_cfg), self.adapter_cfg["name"])
+            inject(self.backbone, self.targets, self.plan.specs())
+        self.adapted = True
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None:  # FSDP2 through Lightning's ModelParallelStrategy
+            self._shard(mesh)
+
+    def _apply_peft(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = self.adapter_cfg
+        peft_cfg = LoraConfig(
+            r=int(cfg["r"]),
+            lora_alpha=float(cfg["alpha"]),
+            lora_dropout=float(cfg.get("dropout", 0.0)),
+            target_modules=list(self.targets),
+            **dict(cfg.get("peft") or {}),
+        )
+        self.backbone = get_peft_model(self.backbone, peft_cfg)
+
+    def _shard(self, mesh) -> None:
+        from torch.distributed.fsdp import fully_shard
+
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        blocks = [m for m in self.backbone.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer", "Block"))]
+        for block in blocks:
+            fully_shard(block, mesh=dp)
+        fully_shard(self.backbone, mesh=dp)
+
+    def adapter_layers(self):
+        return adapter_layers(self.backbone)
+
+    def param_counts(self) -> dict[str, int]:
+        trainable = sum(p.numel() for p in self.backbone.parameters() if p.requires_grad)
+        return {"trainable_params": trainable, "total_params": sum(p.numel() for p in self.backbone.parameters())}
+
+    def structure(self) -> dict[str, Any]:
+        """Adapter structure summary for results.json."""
+        out: dict[str, Any] = {"variant": self.adapter_cfg["name"], "kind": self.kind, **self.param_counts()}
+        if self.plan is not None:
+            out["plan_meta"] = self.plan.meta
+        out["layers"] = {name: layer.summary() for name, layer in self.adapter_layers().items()}
+        return out
+
+    # --- training -----------------------------------------------------------------------------
+    def training_loss(self, batch: Any) -> torch.Tensor:
+        """The task loss of the backbone on one batch (also used by the GID warm-up before adapters exist)."""
+        return self.task.loss(self.backbone, batch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        loss = self.training_loss(batch)
+        self.val_loss.update(loss.detach(), weight=_batch_size(batch))
+        if self.metrics is not None:
+            self.task.update_metrics(self.metrics, self.backbone, batch)
+
+    def on_validation_epoch_end(self) -> None:
+        val_loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", val_loss, prog_bar=True)
+        if self.metrics is not None:
+            self.log_dict({f"val/{k}": v for k, v in self.metrics.compute().items()})
+            self.metrics.reset()
+        if self.task.reports_gap and self.val_loss0:
+            self.log("val/gap_closed", 1.0 - val_loss / self.val_loss0, prog_bar=True)
+
+    @torch.no_grad()
+    def _mean_val_loss(self) -> float:
+        total, count = 0.0, 0
+        for batch in self.trainer.datamodule.val_dataloader():
+            batch = L.pytorch.utilities.move_data_to_device(batch, self.device)
+            n = _batch_size(batch)
+            total += float(self.training_loss(batch)) * n
+            count += n
+        return total / max(1, count)
+
+    def on_fit_start(self) -> None:
+        if self.task.reports_gap and self.val_loss0 is None:
+            was_training = self.backbone.training
+            self.backbone.eval()
+            self.val_loss0 = self._mean_val_loss()
+            self.backbone.train(was_training)
+        counts = self.param_counts()
+        for logger in self.loggers:
+            logger.log_metrics({f"params/{k}": float(v) for k, v in counts.items()}, step=0)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        ratio = float(self.adapter_cfg.get("lr_ratio_B", 1.0))
+        named = [(n, p) for n, p in self.backbone.named_parameters() if p.requires_grad]
+        b_params = [p for n, p in named if ratio != 1.0 and "lora_B" in n]
+        b_ids = {id(p) for p in b_params}
+        groups = [{"params": [p for _, p in named if id(p) not in b_ids], "lr": cfg["lr"]}]
+        if b_params:  # LoRA+: B learns `lr_ratio_B` times faster than A
+            groups.append({"params": b_params, "lr": cfg["lr"] * ratio})
+        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=cfg.get("weight_decay", 0.0))
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = int(cfg.get("warmup_steps") or round(cfg.get("warmup_ratio", 0.0) * total))
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=cfg.get("min_lr_ratio", 0.0))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- checkpoints and export ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[PLAN_KEY] = self.plan.to_dict() if self.plan is not None else None
+        checkpoint["val_loss0"] = self.val_loss0
+        if self.model_cfg.get("pretrained") and self.kind != "full":
+            keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
+            keep |= {f"backbone.{n}" for n, _ in self.backbone.named_buffers() if ".lora" in n or "Q_" in n or "switched" in n}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.val_loss0 = checkpoint.get("val_loss0")
+        if self.plan is None and checkpoint.get(PLAN_KEY):
+            self.plan = AdapterPlan.from_dict(checkpoint[PLAN_KEY])
+
+    def merged_backbone(self) -> nn.Module:
+        """A plain transformers model with every adapter folded into its weights."""
+        model = copy.deepcopy(self.backbone)
+        if self.kind == "peft":
+            return model.merge_and_unload()
+        return merge_all(model)
+
+    def export(self, path: str | Path) -> Path:
+        """Write the merged model with `save_pretrained` (loadable by `AutoModel*.from_pretrained`)."""
+        path = Path(path)
+        self.merged_backbone().save_pretrained(path)
+        tok = getattr(self.task, "tokenizer", None)
+        if tok is not None:
+            tok.save_pretrained(path)
+        return path

@@ -1,0 +1,52 @@
+"""Build the HF backbone a run adapts: `from_pretrained(name)` for real models, or from a config dict for tiny ones."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+FAMILIES = ("causal_lm", "seq_classification", "seq2seq_lm", "image_classification")
+
+
+def _auto_class(family: str):
+    import transformers
+
+    return {
+        "causal_lm": transformers.AutoModelForCausalLM,
+        "seq_classification": transformers.AutoModelForSequenceClassification,
+        "seq2seq_lm": transformers.AutoModelForSeq2SeqLM,
+        "image_classification": transformers.AutoModelForImageClassification,
+    }[family]
+
+
+def load_config(model_cfg: Mapping[str, Any], extra: Mapping[str, Any] | None = None):
+    """The transformers config: from the hub/local path (`model.pretrained`) or built from `model.config`."""
+    from transformers import AutoConfig
+
+    extra = dict(extra or {})
+    if model_cfg.get("pretrained"):
+        return AutoConfig.from_pretrained(model_cfg["pretrained"], **extra)
+    cfg = dict(model_cfg["config"])
+    model_type = cfg.pop("model_type")
+    return AutoConfig.for_model(model_type, **cfg, **extra)
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def build_backbone(model_cfg: Mapping[str, Any], extra_config: Mapping[str, Any] | None = None, meta: bool = False) -> nn.Module:
+    """Instantiate the model. `meta=True` builds the skeleton without memory (used to validate targets)."""
+    auto = _auto_class(model_cfg["family"])
+    config = load_config(model_cfg, extra_config)
+    dtype = torch_dtype(model_cfg.get("dtype"))
+    if meta:
+        with torch.device("meta"):
+            return auto.from_config(config)
+    if model_cfg.get("pretrained"):
+        return auto.from_pretrained(model_cfg["pretrained"], config=config, dtype=dtype)
+    model = auto.from_config(config)
+    return model.to(dtype) if dtype is not None else model

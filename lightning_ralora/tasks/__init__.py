@@ -1,0 +1,10 @@
+"""Tasks: data + loss + metrics, selected by `task.name`."""
+
+from .base import Task
+from .classification import ClassificationTask
+from .planted import PlantedTask
+from .sft import SFTTask
+
+TASKS: dict[str, type[Task]] = {t.name: t for t in (PlantedTask, SFTTask, ClassificationTask)}
+
+__all__ = ["TASKS", "ClassificationTask", "PlantedTask", "SFTTask", "Task"]

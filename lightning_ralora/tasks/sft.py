@@ -1,0 +1,70 @@
+"""Causal-LM supervised fine-tuning on prompt/response pairs; the loss covers response tokens only."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from ..data.datamodule import ListDataModule
+from ..data.tokenizer import load_tokenizer
+from .base import Task
+from .text_data import check_data_source, load_split
+
+IGNORE = -100
+
+
+def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, torch.Tensor]:
+    """Token ids of prompt + response + eos, with labels = -100 on the prompt (truncated to max_length)."""
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ids = (p_ids + r_ids)[:max_length]
+    labels = ([IGNORE] * len(p_ids) + r_ids)[:max_length]
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+
+def pad_collate(pad_id: int):
+    """Right-pad a list of {input_ids, labels} to the longest item; labels pad with -100."""
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        n = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(items), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(items), n), dtype=torch.long)
+        for i, it in enumerate(items):
+            k = len(it["input_ids"])
+            ids[i, :k], labels[i, :k], mask[i, :k] = it["input_ids"], it["labels"], 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+class SFTTask(Task):
+    """`task=sft`: JSONL of {prompt, response} (or a hub dataset), next-token loss on the response."""
+
+    name = "sft"
+    families = ("causal_lm",)
+
+    @classmethod
+    def validate(cls, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
+        return super().validate(cfg, model_cfg) + check_data_source(cfg)
+
+    def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], seed: int = 0) -> None:
+        super().__init__(cfg, model_cfg, seed)
+        self.tokenizer = load_tokenizer(model_cfg.get("tokenizer"))
+
+    def extra_model_config(self) -> dict[str, Any]:
+        return {"pad_token_id": self.tokenizer.pad_token_id} if not self.model_cfg.get("pretrained") else {}
+
+    def datamodule(self) -> L.LightningDataModule:
+        train, val = load_split(self.cfg, self.seed)
+        pk, rk, n = self.cfg.get("prompt_key", "prompt"), self.cfg.get("response_key", "response"), self.cfg["max_length"]
+        enc = [encode_pair(self.tokenizer, r[pk], r[rk], n) for r in train]
+        enc_val = [encode_pair(self.tokenizer, r[pk], r[rk], n) for r in val]
+        return ListDataModule(enc, enc_val, self.cfg["batch_size"], collate_fn=pad_collate(self.tokenizer.pad_token_id))
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model(**batch).loss

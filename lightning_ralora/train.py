@@ -1,0 +1,179 @@
+"""Hydra entry point: `lightning-ralora-train [overrides]` (or `python -m lightning_ralora.train`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import ConfigError, validate_config
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def run_names(cfg: DictConfig) -> dict[str, Any]:
+    """W&B grouping (DESIGN.md): group = variant-model-task, name = group-seed, tags include the seed."""
+    group = f"{cfg.adapter.name}-{cfg.model.name}-{cfg.task.name}"
+    tags = [f"seed:{cfg.seed}", cfg.adapter.name, cfg.model.name, cfg.task.name, *list(cfg.wandb.get("tags") or [])]
+    return {"group": group, "name": f"{group}-seed{cfg.seed}", "job_type": "train", "tags": tags}
+
+
+def wandb_mode(cfg: DictConfig) -> str:
+    """Explicit `wandb.mode`, else online with credentials and offline without (never prompts)."""
+    if cfg.wandb.get("mode"):
+        return str(cfg.wandb.mode)
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    loggers: list = []
+    if cfg.logger.get("csv", True):
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv"))
+    mode = wandb_mode(cfg)
+    if cfg.logger.get("wandb", True) and mode != "disabled":
+        os.environ.setdefault("WANDB_SILENT", "true")
+        loggers.append(
+            WandbLogger(
+                project=cfg.wandb.project,
+                entity=cfg.wandb.get("entity"),
+                save_dir=str(run_dir),
+                mode=mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                **run_names(cfg),
+            )
+        )
+    return loggers
+
+
+def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
+    """The configured callbacks plus the schedules the adapter needs (GID warm-up, SDS switch/refresh)."""
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # a terminal gets a live bar; a log file (CI, SLURM) one line every 50 steps instead of thousands
+    callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
+    a = cfg.adapter
+    if a.get("needs_gid"):
+        from .callbacks.gid_warmup import GIDWarmup
+
+        callbacks.append(GIDWarmup(batches=int(a.gid_batches)))
+    if a.kind == "sds":
+        from .callbacks.sds_schedule import SDSSchedule
+
+        callbacks.append(SDSSchedule(warmup_steps=int(a.warmup_steps), K=int(a.K)))
+    return callbacks
+
+
+def resolve_ckpt(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.get("ckpt_path") == "last":
+        last = run_dir / "checkpoints" / "last.ckpt"
+        return str(last) if last.exists() else None
+    return cfg.get("ckpt_path")
+
+
+def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write to a temporary file and rename, so a reader never sees a half-written results.json."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+def _floats(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and torch.tensor(v).numel() == 1}
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Validate, build, fit, validate once more, and write results.json. Returns the results dict."""
+    from .modules.adapter_module import AdapterModule
+
+    validate_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("deterministic"):
+        torch.use_deterministic_algorithms(True)
+    L.seed_everything(cfg.seed, workers=True)
+    start = time.time()
+    module = AdapterModule(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.task, resolve=True),
+        OmegaConf.to_container(cfg.adapter, resolve=True),
+        OmegaConf.to_container(cfg.optim, resolve=True),
+        seed=cfg.seed,
+        run_dir=str(run_dir),
+    )
+    datamodule = module.task.datamodule()
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(trainer_kwargs.get("strategy"), dict):
+        trainer_kwargs["strategy"] = hydra.utils.instantiate(trainer_kwargs["strategy"])
+    trainer = L.Trainer(
+        **trainer_kwargs,
+        callbacks=build_callbacks(cfg),
+        logger=build_loggers(cfg, run_dir),
+        default_root_dir=str(run_dir),
+        deterministic=bool(cfg.get("deterministic")),
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg, run_dir))
+        final = trainer.validate(module, datamodule=datamodule, verbose=False)
+        results = {
+            "variant": cfg.adapter.name,
+            "model": cfg.model.name,
+            "task": cfg.task.name,
+            "seed": cfg.seed,
+            "final_metrics": _floats({**trainer.callback_metrics, **(final[0] if final else {})}),
+            **module.param_counts(),
+            "structure": module.structure(),
+            "plan": module.plan.to_dict() if module.plan is not None else None,
+            "task_summary": module.task.summary(),
+            "callbacks": {type(cb).__name__: cb.results_summary() for cb in trainer.callbacks if hasattr(cb, "results_summary")},
+            "global_step": trainer.global_step,
+            "world_size": trainer.world_size,
+            "wall_time_s": time.time() - start,
+            "host": socket.gethostname(),
+            "wandb": run_names(cfg),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        if trainer.is_global_zero:
+            if cfg.get("export"):
+                results["export_dir"] = str(module.export(run_dir / "export"))
+            write_json_atomic(run_dir / "results.json", results)
+        return results
+    finally:
+        _finish_wandb()
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run even on failure, so the next job of a multirun starts a fresh one."""
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except ConfigError as err:
+        print(f"lightning-ralora-train: {err}", file=sys.stderr)
+        sys.exit(2)
+    metrics = results["final_metrics"]
+    return metrics.get("val/gap_closed", metrics.get("val/loss"))
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
