@@ -59,8 +59,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list:
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     """The configured callbacks plus the schedules the adapter needs (GID warm-up, SDS switch/refresh)."""
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    # a terminal gets a live bar; a log file (CI, SLURM) one line every 50 steps instead of thousands
-    callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
+    if cfg.trainer.get("enable_progress_bar", True):
+        # a terminal gets a live bar; a log file (CI, SLURM) one line every 50 steps instead of thousands
+        callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
     a = cfg.adapter
     if a.get("needs_gid"):
         from .callbacks.gid_warmup import GIDWarmup
@@ -89,6 +90,19 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and torch.tensor(v).numel() == 1}
+
+
+def structure_digests(module) -> list[str]:
+    """SHA-256 of the adapter structure on every rank (one entry per rank): equal digests prove all ranks
+    built the same adapters."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(module.structure()["layers"], sort_keys=True).encode()).hexdigest()
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [digest]
+    digests: list[str] = [""] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    return digests
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -123,6 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg, run_dir))
+        digests = structure_digests(module)
         final = trainer.validate(module, datamodule=datamodule, verbose=False)
         results = {
             "variant": cfg.adapter.name,
@@ -137,6 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "callbacks": {type(cb).__name__: cb.results_summary() for cb in trainer.callbacks if hasattr(cb, "results_summary")},
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
+            "structure_digest_per_rank": digests,
             "wall_time_s": time.time() - start,
             "host": socket.gethostname(),
             "wandb": run_names(cfg),

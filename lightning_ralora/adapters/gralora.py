@@ -1,7 +1,165 @@
-"""Placeholder: being written."""
+"""GraLoRA and Hybrid GraLoRA (SPEC §5): a k x k grid of independent low-rank blocks, plus an optional dense LoRA.
 
-from .base import AdapterLayer
+Block (i, j) of ΔW (output chunk i, input chunk j) is s·B_ij A_ij with A_ij ∈ R^{(r/k)x(n/k)}, B_ij ∈ R^{(m/k)x(r/k)}.
+The factors are stored stacked as `gralora_A` (k, k, r/k, n/k) and `gralora_B` (k, k, m/k, r/k), indexed [i, j], so
+the forward pass is two batched einsums (no Python loop over blocks). Hybrid GraLoRA adds s·B_h A_h with rank h
+(`hybrid_A` (h, n), `hybrid_B` (m, h)); following peft's GraLoRA, s = alpha/(r + h) for both parts.
+
+peft stores the same numbers in a different layout; `to_peft_gralora_state` / `load_peft_gralora_state` map between
+the two (peft's `gralora_A` (k, n/k, r) holds A_ij^T at [j, :, i·r/k:(i+1)·r/k]; its `gralora_B` (k, r, m/k) holds
+B_ij^T at [i, j·r/k:(j+1)·r/k, :]).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, LayerSpec, check_rank, kaiming_uniform_
+
+
+def check_gralora_shape(r: int, k: int, in_features: int, out_features: int, hybrid_r: int = 0) -> None:
+    """Validate a GraLoRA configuration for one layer, collecting every problem into one ValueError."""
+    check_rank(r)
+    problems = []
+    if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+        problems.append(f"adapter.k must be a positive integer, got {k!r}")
+    else:
+        if r % k:
+            problems.append(f"adapter.k={k} must divide adapter.r={r} (each block gets rank r/k)")
+        if in_features % k:
+            problems.append(f"adapter.k={k} must divide in_features={in_features} of the target layer")
+        if out_features % k:
+            problems.append(f"adapter.k={k} must divide out_features={out_features} of the target layer")
+    if isinstance(hybrid_r, bool) or not isinstance(hybrid_r, int) or hybrid_r < 0:
+        problems.append(f"adapter.hybrid_r must be a non-negative integer, got {hybrid_r!r}")
+    if problems:
+        raise ValueError("GraLoRA: " + "; ".join(problems))
 
 
 class GraLoRALinear(AdapterLayer):
+    """ΔW = s·[B_ij A_ij]_{i,j<k} (+ s·B_h A_h); A's Kaiming-uniform with fan-in n/k (n for A_h), B's zeros."""
+
     kind = "gralora"
+
+    def __init__(self, base: nn.Linear, r: int, k: int, alpha: float, hybrid_r: int = 0, dropout: float = 0.0) -> None:
+        super().__init__(base, dropout)
+        check_gralora_shape(r, k, self.in_features, self.out_features, hybrid_r)
+        self.r, self.k, self.hybrid_r, self.alpha = r, k, hybrid_r, float(alpha)
+        self.scaling = self.alpha / (r + hybrid_r)  # peft's GraLoRA convention (SPEC §5)
+        fk = self._factory()
+        rb, nb, mb = r // k, self.in_features // k, self.out_features // k
+        # every A_ij is (r/k) x (n/k): same law as nn.Linear(n/k, r/k), i.e. U(±1/sqrt(n/k)), as peft
+        self.gralora_A = nn.Parameter(kaiming_uniform_(torch.empty(k, k, rb, nb, **fk), fan_in=nb))
+        self.gralora_B = nn.Parameter(torch.zeros(k, k, mb, rb, **fk))
+        if hybrid_r > 0:
+            self.hybrid_A = nn.Parameter(kaiming_uniform_(torch.empty(hybrid_r, self.in_features, **fk)))
+            self.hybrid_B = nn.Parameter(torch.zeros(self.out_features, hybrid_r, **fk))
+
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        """s·ΔW x as two batched contractions over the grid: h_ij = A_ij x_j, out_i = Σ_j B_ij h_ij."""
+        x = x.to(self.gralora_A.dtype)
+        xs = x.reshape(*x.shape[:-1], self.k, self.in_features // self.k)  # (..., j, n/k)
+        h = torch.einsum("...jn,ijrn->...ijr", xs, self.gralora_A)  # (..., i, j, r/k)
+        out = torch.einsum("...ijr,ijmr->...im", h, self.gralora_B).reshape(*x.shape[:-1], self.out_features)
+        if self.hybrid_r > 0:
+            out = out + F.linear(F.linear(x, self.hybrid_A), self.hybrid_B)
+        return out * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        blocks = torch.einsum("ijmr,ijrn->imjn", self.gralora_B, self.gralora_A)  # (k, m/k, k, n/k)
+        dw = blocks.reshape(self.out_features, self.in_features)
+        if self.hybrid_r > 0:
+            dw = dw + self.hybrid_B @ self.hybrid_A
+        return dw * self.scaling
+
+    @property
+    def equivalent_rank(self) -> int:
+        """min(k·r + h, m, n): ΔW is a sum of k² blocks of rank r/k (k·r in all) plus the rank-h dense part."""
+        return min(self.k * self.r + self.hybrid_r, self.in_features, self.out_features)
+
+    @property
+    def expected_num_trainable(self) -> int:
+        """(r + h)(m + n): the grid has k²·(r/k)(m/k + n/k) = r(m + n), as LoRA of rank r; the hybrid part h(m + n)."""
+        return (self.r + self.hybrid_r) * (self.in_features + self.out_features)
+
+    def spec(self) -> LayerSpec:
+        return LayerSpec(
+            kind=self.kind, r=self.r, alpha=self.alpha, dropout=self.dropout_p, k=self.k, hybrid_r=self.hybrid_r
+        )
+
+    @classmethod
+    def from_spec(cls, base: nn.Linear, spec: LayerSpec) -> GraLoRALinear:
+        return cls(base, spec.r, spec.k, spec.alpha, hybrid_r=spec.hybrid_r, dropout=spec.dropout)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, k={self.k}, hybrid_r={self.hybrid_r}"
+
+
+def _peft_keys(adapter_name: str | None) -> tuple[str, str, str, str]:
+    sfx = "" if adapter_name is None else f".{adapter_name}"
+    return (
+        f"gralora_A{sfx}",
+        f"gralora_B{sfx}",
+        f"gralora_A_general{sfx}.weight",
+        f"gralora_B_general{sfx}.weight",
+    )
+
+
+@torch.no_grad()
+def to_peft_gralora_state(layer: GraLoRALinear, adapter_name: str | None = "default") -> dict[str, torch.Tensor]:
+    """This layer's factors in peft's GraLoRA layout, keyed as peft's layer names them (for `load_state_dict`).
+
+    With `adapter_name=None` the keys carry no adapter name, as in a saved peft adapter file.
+    """
+    k, rb = layer.k, layer.r // layer.k
+    key_a, key_b, key_ha, key_hb = _peft_keys(adapter_name)
+    # ours A[i, j] (r/k, n/k) -> peft A[j, :, i-th r/k slice]: permute to (j, n/k, i, r/k)
+    a = layer.gralora_A.permute(1, 3, 0, 2).reshape(k, layer.in_features // k, k * rb)
+    # ours B[i, j] (m/k, r/k) -> peft B[i, j-th r/k slice, :]: permute to (i, j, r/k, m/k)
+    b = layer.gralora_B.permute(0, 1, 3, 2).reshape(k, k * rb, layer.out_features // k)
+    state = {key_a: a.clone(), key_b: b.clone()}
+    if layer.hybrid_r > 0:
+        state[key_ha] = layer.hybrid_A.detach().clone()
+        state[key_hb] = layer.hybrid_B.detach().clone()
+    return state
+
+
+@torch.no_grad()
+def load_peft_gralora_state(layer: GraLoRALinear, state: dict[str, torch.Tensor]) -> None:
+    """Copy peft GraLoRA factors (keys as from `to_peft_gralora_state`, with or without adapter name) into `layer`."""
+    found = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        name = parts[0]
+        if name in ("gralora_A_general", "gralora_B_general"):
+            if parts[-1] != "weight":
+                raise KeyError(f"unexpected peft GraLoRA key {key!r}")
+            name += ".weight"
+        elif name not in ("gralora_A", "gralora_B"):
+            raise KeyError(f"unexpected peft GraLoRA key {key!r}")
+        if name in found:
+            raise KeyError(f"peft GraLoRA state holds more than one adapter for {name!r}; pass one adapter's keys")
+        found[name] = value
+    wanted = {"gralora_A", "gralora_B"} | (
+        {"gralora_A_general.weight", "gralora_B_general.weight"} if layer.hybrid_r > 0 else set()
+    )
+    if set(found) != wanted:
+        raise KeyError(
+            f"peft GraLoRA state has {sorted(found)}; this layer (hybrid_r={layer.hybrid_r}) needs {sorted(wanted)}"
+        )
+    k, rb = layer.k, layer.r // layer.k
+    nb, mb = layer.in_features // k, layer.out_features // k
+    a, b = found["gralora_A"], found["gralora_B"]
+    if tuple(a.shape) != (k, nb, k * rb) or tuple(b.shape) != (k, k * rb, mb):
+        raise ValueError(
+            f"peft GraLoRA shapes A{tuple(a.shape)} B{tuple(b.shape)} do not fit this layer "
+            f"(k={k}, r={layer.r}, in={layer.in_features}, out={layer.out_features}): "
+            f"expected A{(k, nb, k * rb)} B{(k, k * rb, mb)}"
+        )
+    layer.gralora_A.copy_(a.reshape(k, nb, k, rb).permute(2, 0, 3, 1))  # (j, n/k, i, r/k) -> (i, j, r/k, n/k)
+    layer.gralora_B.copy_(b.reshape(k, k, rb, mb).permute(0, 1, 3, 2))  # (i, j, r/k, m/k) -> (i, j, m/k, r/k)
+    if layer.hybrid_r > 0:
+        layer.hybrid_A.copy_(found["gralora_A_general.weight"])
+        layer.hybrid_B.copy_(found["gralora_B_general.weight"])

@@ -84,8 +84,15 @@ def inject(
         if specs[name].kind not in registry:
             raise ValueError(f"adapter kind {specs[name].kind!r} unknown; allowed: {sorted(registry)}")
     # build every layer before touching the model, so a bad spec leaves it unchanged
+    built, problems = {}, []
+    for name in targets:
+        try:
+            built[name] = registry[specs[name].kind].from_spec(model.get_submodule(name), specs[name])
+        except ValueError as err:
+            problems.append(f"{name}: {err}")
+    if problems:
+        raise ValueError("adapter does not fit these target modules:\n  " + "\n  ".join(problems))
     freeze(model)
-    built = {name: registry[specs[name].kind].from_spec(model.get_submodule(name), specs[name]) for name in targets}
     for name, layer in built.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

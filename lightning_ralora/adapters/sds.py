@@ -1,7 +1,199 @@
-"""Placeholder: being written."""
+"""SDS-LoRA (SPEC §6): structurally decoupled singular values.
 
-from .base import AdapterLayer
+Warm-up phase (the first T_w optimizer steps): plain LoRA, ΔW = s·B A. At the switch, `reparameterize()` takes the
+rank-r SVD s·B A = U Σ Vᵀ and sets Q_B = U, Q_A = V, B = UΣ/(2s), A = ΣVᵀ/(2s), so the output is unchanged. From then
+on ΔW = s·(B Q_Aᵀ + Q_B A) with the orthonormal bases Q_A (n x r), Q_B (m x r) held as buffers (constant in backward),
+so ∂L/∂B = s·G Q_A and ∂L/∂A = s·Q_Bᵀ G: the singular values of B and A no longer scale their gradients.
+`refresh()` recomputes Q_A, Q_B in place from QR of Aᵀ and B (positive diag R); `refresh_due` is the paper's schedule.
+
+Every change is an in-place `copy_` into the same Parameter/buffer objects (DDP keeps syncing them) and every
+decomposition is made deterministic (sign conventions below), so all data-parallel ranks, which hold identical
+factors, reach identical results. The phase lives in the persistent buffer `switched`, so a checkpoint restores it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import AdapterLayer, LayerSpec, check_rank, kaiming_uniform_
+
+
+def refresh_due(t: int, total_steps: int, K: int) -> bool:
+    """SDS QR-refresh schedule: refresh at step t of T iff t mod (floor(K·t/T) + 1) == 0 (every (i+1)-th in phase i)."""
+    if total_steps <= 0 or K <= 0:
+        raise ValueError(f"refresh_due needs total_steps > 0 and K > 0, got total_steps={total_steps}, K={K}")
+    return t % (K * t // total_steps + 1) == 0
+
+
+def refresh_steps(total_steps: int, K: int, warmup_steps: int = 0) -> list[int]:
+    """Optimizer steps t with warmup_steps < t < T after which the schedule refreshes (what SDSSchedule does).
+
+    t = T is left out on purpose: no optimizer step follows it, so a refresh there would only perturb the final ΔW.
+    """
+    return [t for t in range(warmup_steps + 1, total_steps) if refresh_due(t, total_steps, K)]
+
+
+def _positive_qr(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced QR with diag(R) ≥ 0 (zeros count as positive), which makes it unique for full column rank."""
+    q, r = torch.linalg.qr(m, mode="reduced")
+    d = torch.sign(torch.diagonal(r))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return q * d, r * d.unsqueeze(-1)
+
+
+def _lowrank_fro(left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖left·rightᵀ‖_F without forming the product: sqrt(Σ (leftᵀleft) ⊙ (rightᵀright)), O((m+n)·r²)."""
+    return math.sqrt(max(float(((left.T @ left) * (right.T @ right)).sum()), 0.0))
 
 
 class SDSLoRALinear(AdapterLayer):
+    """LoRA during warm-up, then ΔW = s·(B Q_Aᵀ + Q_B A) with frozen orthonormal Q's; s = α/√r (paper: α = 4)."""
+
     kind = "sds"
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float = 4.0, dropout: float = 0.0) -> None:
+        super().__init__(base, dropout)
+        check_rank(r)
+        if r > min(self.in_features, self.out_features):
+            raise ValueError(
+                f"adapter.r={r} must be <= min(in_features, out_features)={min(self.in_features, self.out_features)} "
+                "for SDS-LoRA: Q_A (in x r) and Q_B (out x r) need r orthonormal columns"
+            )
+        self.r, self.alpha = r, float(alpha)
+        self.scaling = self.alpha / math.sqrt(r)
+        fk = self._factory()
+        self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(r, self.in_features, **fk)))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
+        self.register_buffer("Q_A", torch.zeros(self.in_features, r, **fk))
+        self.register_buffer("Q_B", torch.zeros(self.out_features, r, **fk))
+        self.register_buffer("switched", torch.zeros((), dtype=torch.bool, device=fk["device"]))
+        # Python mirror of `switched`, so forward never syncs with the device; kept in step by load_state_dict
+        self._switched = False
+        self.register_load_state_dict_post_hook(_sync_switched_flag)
+
+    @property
+    def is_switched(self) -> bool:
+        """True after `reparameterize()` (the SDS phase), False during the LoRA warm-up."""
+        return self._switched
+
+    # --- forward ------------------------------------------------------------------------------
+    def update(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        if not self._switched:
+            return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        # s·(B Q_Aᵀ x + Q_B A x); the Q's are buffers, so autograd treats them as constants
+        return (F.linear(x @ self.Q_A, self.lora_B) + F.linear(F.linear(x, self.lora_A), self.Q_B)) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        if not self._switched:
+            return (self.lora_B @ self.lora_A) * self.scaling
+        return (self.lora_B @ self.Q_A.T + self.Q_B @ self.lora_A) * self.scaling
+
+    # --- phase changes --------------------------------------------------------------------------
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Switch from warm-up LoRA to SDS form via the rank-r SVD of s·B A; the output is unchanged.
+
+        The SVD is taken in fp64 through QRs of the thin factors (B = Q₁R₁, Aᵀ = Q₂R₂, s·R₁R₂ᵀ = U'ΣV'ᵀ,
+        U = Q₁U', V = Q₂V'), never forming the m x n product. Sign convention, so every rank agrees: the
+        largest-|·| entry of each column of U is positive (V's column flipped with it).
+        """
+        if self._switched:
+            raise RuntimeError("SDSLoRALinear.reparameterize() called twice: the layer is already in the SDS phase")
+        if self.merged:
+            raise RuntimeError("SDSLoRALinear.reparameterize() on a merged layer: unmerge() first")
+        s = self.scaling
+        b, a = self.lora_B.double(), self.lora_A.double()
+        q1, r1 = _positive_qr(b)
+        q2, r2 = _positive_qr(a.T)
+        u_small, sigma, vh_small = torch.linalg.svd(s * (r1 @ r2.T))
+        u, v = q1 @ u_small, q2 @ vh_small.T
+        idx = u.abs().argmax(dim=0)
+        sign = torch.sign(u.gather(0, idx.unsqueeze(0)).squeeze(0))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        u, v = u * sign, v * sign
+        self.Q_B.copy_(u)
+        self.Q_A.copy_(v)
+        self.lora_B.copy_(u * (sigma / (2 * s)))
+        self.lora_A.copy_((v * (sigma / (2 * s))).T)
+        self.switched.fill_(True)
+        self._switched = True
+
+    @torch.no_grad()
+    def refresh(self) -> float:
+        """Recompute Q_A (QR of Aᵀ) and Q_B (QR of B) in place; returns ‖ΔW_after − ΔW_before‖_F / ‖ΔW_before‖_F.
+
+        The relative jump is 0.0 when ΔW is zero before and after. Does not touch the optimizer state (SPEC §6).
+        """
+        if not self._switched:
+            raise RuntimeError("SDSLoRALinear.refresh() before reparameterize(): the layer is still in LoRA warm-up")
+        if self.merged:
+            raise RuntimeError("SDSLoRALinear.refresh() on a merged layer: unmerge() first")
+        b, a = self.lora_B.double(), self.lora_A.double()
+        qa_old, qb_old = self.Q_A.double(), self.Q_B.double()
+        qa_new, _ = _positive_qr(a.T)
+        qb_new, _ = _positive_qr(b)
+        s = self.scaling
+        # ΔW = s·[B, Q_B][Q_A, Aᵀ]ᵀ, so both norms come from thin factors
+        before = s * _lowrank_fro(torch.cat([b, qb_old], 1), torch.cat([qa_old, a.T], 1))
+        jump = s * _lowrank_fro(torch.cat([b, qb_new - qb_old], 1), torch.cat([qa_new - qa_old, a.T], 1))
+        self.Q_A.copy_(qa_new)
+        self.Q_B.copy_(qb_new)
+        if before == 0.0:
+            return 0.0 if jump == 0.0 else math.inf
+        return jump / before
+
+    # --- closed forms (diagnostics, tests) -------------------------------------------------------
+    def factor_grads(self, G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(∂L/∂A, ∂L/∂B) from the full gradient G = ∂L/∂W (m x n) in the current phase, without autograd.
+
+        SDS phase: ∂L/∂A = s·Q_Bᵀ G, ∂L/∂B = s·G Q_A. Warm-up (LoRA): ∂L/∂A = s·Bᵀ G, ∂L/∂B = s·G Aᵀ.
+        """
+        s = self.scaling
+        if self._switched:
+            return s * (self.Q_B.T @ G), s * (G @ self.Q_A)
+        return s * (self.lora_B.T @ G), s * (G @ self.lora_A.T)
+
+    def effective_gradient(self, G: torch.Tensor) -> torch.Tensor:
+        """Ĝ = J Jᵀ G, the change of ΔW per unit step along the factor gradients (SPEC §7).
+
+        SDS phase: s²(Q_B Q_Bᵀ G + G Q_A Q_Aᵀ); warm-up: s²(B Bᵀ G + G Aᵀ A).
+        """
+        grad_a, grad_b = self.factor_grads(G)
+        s = self.scaling
+        if self._switched:
+            return s * (grad_b @ self.Q_A.T + self.Q_B @ grad_a)
+        return s * (grad_b @ self.lora_A + self.lora_B @ grad_a)
+
+    # --- contract ----------------------------------------------------------------------------------
+    @property
+    def equivalent_rank(self) -> int:
+        """Bound on rank ΔW in the current phase: r in warm-up; 2r after the switch (B Q_Aᵀ and Q_B A are rank r each,
+        and B, A drift away from the Q's between refreshes), capped by min(m, n)."""
+        bound = 2 * self.r if self._switched else self.r
+        return min(bound, self.in_features, self.out_features)
+
+    @property
+    def expected_num_trainable(self) -> int:
+        """r(m + n): the same A, B as LoRA; Q_A, Q_B are buffers."""
+        return self.r * (self.in_features + self.out_features)
+
+    def spec(self) -> LayerSpec:
+        return LayerSpec(kind=self.kind, r=self.r, alpha=self.alpha, dropout=self.dropout_p)
+
+    @classmethod
+    def from_spec(cls, base: nn.Linear, spec: LayerSpec) -> SDSLoRALinear:
+        return cls(base, spec.r, spec.alpha, dropout=spec.dropout)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, switched={self._switched}"
+
+
+def _sync_switched_flag(module: Any, incompatible_keys: Any) -> None:
+    """After load_state_dict, mirror the loaded `switched` buffer into the Python flag forward reads."""
+    module._switched = bool(module.switched)

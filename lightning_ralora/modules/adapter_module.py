@@ -57,9 +57,10 @@ class AdapterModule(L.LightningModule):
         optim_cfg: Mapping[str, Any],
         seed: int = 0,
         run_dir: str | None = None,
+        plan: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["run_dir"])
+        self.save_hyperparameters(ignore=["run_dir", "plan"])
         self.model_cfg, self.adapter_cfg, self.optim_cfg = dict(model_cfg), dict(adapter_cfg), dict(optim_cfg)
         self.run_dir = Path(run_dir) if run_dir else None
         self.task = TASKS[task_cfg["name"]](task_cfg, model_cfg, seed)
@@ -67,7 +68,7 @@ class AdapterModule(L.LightningModule):
         self.task.prepare(self.backbone)
         patterns = self.adapter_cfg.get("target_modules") or self.model_cfg["target_modules"]
         self.targets = find_targets(self.backbone, patterns)
-        self.plan: AdapterPlan | None = None
+        self.plan: AdapterPlan | None = AdapterPlan.from_dict(plan) if plan else None
         self.adapted = False
         self.metrics = self.task.metrics()
         self.val_loss = MeanMetric()  # exact mean over the whole validation set, synced across ranks
@@ -216,6 +217,12 @@ class AdapterModule(L.LightningModule):
         self.val_loss0 = checkpoint.get("val_loss0")
         if self.plan is None and checkpoint.get(PLAN_KEY):
             self.plan = AdapterPlan.from_dict(checkpoint[PLAN_KEY])
+
+    @classmethod
+    def from_checkpoint(cls, ckpt_path: str | Path, **kwargs: Any) -> AdapterModule:
+        """Rebuild the module with the adapter structure stored in the checkpoint, then load its weights."""
+        plan = read_plan(ckpt_path)
+        return cls.load_from_checkpoint(ckpt_path, plan=plan.to_dict() if plan else None, **kwargs)
 
     def merged_backbone(self) -> nn.Module:
         """A plain transformers model with every adapter folded into its weights."""

@@ -1,0 +1,73 @@
+"""Bad input exits non-zero with one clear message naming the field, before any compute, and leaves no
+results.json behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_ralora.config import ConfigError, validate_config
+from tests.conftest import make_cfg
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+
+def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={tmp_path}", *overrides],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["adapter.r=0"], "adapter.r must be a positive integer, got 0"),
+        (["adapter.target_modules=[nonexistent_proj]"], "matches no linear layer. Linear layer names in this model end in: "),
+        (["task=sft", "task.data_files=/no/such/file.jsonl"], "task.data_files: file not found: /no/such/file.jsonl"),
+        (["model=llama3_8b", "model.pretrained=no-such-org/no-such-model-xyz"], "model.pretrained='no-such-org/no-such-model-xyz' could not be loaded"),
+    ],
+    ids=["r0", "targets", "data_file", "model_name"],
+)
+def test_cli_rejects_bad_input_with_one_message(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    res = _cli(tmp_path, *overrides)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert expected in res.stderr
+    assert res.stderr.count("invalid config") == 1
+    assert "Traceback" not in res.stderr
+    assert not (tmp_path / "results.json").exists()
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_target_error_lists_existing_linear_layers(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config(make_cfg(tmp_path, ["adapter.target_modules=[nope]"]))
+    for suffix in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"):
+        assert suffix in str(err.value)
+
+
+def test_unknown_adapter_name_lists_the_options(tmp_path: Path) -> None:
+    res = _cli(tmp_path, "adapter=no_such_variant")
+    assert res.returncode != 0
+    assert "adapter/no_such_variant" in res.stderr and "Available options" in res.stderr
+    for option in ("lora", "rslora", "lora_plus", "full", "dora", "pissa"):
+        assert option in res.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_all_problems_are_collected_into_one_error(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, ["adapter.r=-1", "adapter.alpha=0", "optim.lr=0", "trainer.max_steps=0", "task.batch_size=0"])
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    fields = ["adapter.r", "adapter.alpha", "optim.lr", "trainer.max_steps", "task.batch_size"]
+    assert [f for f in fields if f in str(err.value)] == fields
+    assert len(err.value.problems) == len(fields)
+
+
+def test_task_and_model_family_must_fit(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.family='causal_lm' does not fit task='classification'"):
+        validate_config(make_cfg(tmp_path, ["task=classification", "task.data_files=/x.csv"]))

@@ -1,0 +1,157 @@
+"""End-to-end runs through the real entry point: Trainer, Hydra configs, results.json, checkpoints, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ralora.modules.adapter_module import AdapterModule
+from lightning_ralora.train import train
+from tests.conftest import make_cfg
+
+CLI = [sys.executable, "-m", "lightning_ralora.train"]
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+
+
+def _lora_formula(cfg) -> int:
+    """r·Σ(m+n) over the targets, from the model config alone."""
+    c = cfg.model.config
+    h, i, heads, kv = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads
+    kv_dim = h // heads * kv
+    per_layer = (h + h) + (h + kv_dim) * 2 + (h + h) + (h + i) * 2 + (i + h)  # q, k, v, o, gate, up, down
+    return cfg.adapter.r * per_layer * c.num_hidden_layers
+
+
+@pytest.mark.slow
+def test_default_job_closes_the_gap(tmp_path: Path) -> None:
+    """The README's default job, exactly as a user runs it (plus an output dir): gap closed > 0, < 3 min."""
+    res = subprocess.run([*CLI, f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, env=ENV, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    print("default job:", results["final_metrics"], f"{results['wall_time_s']:.1f}s")
+    assert results["final_metrics"]["val/gap_closed"] > 0
+    assert results["wall_time_s"] < 180
+    assert results["trainable_params"] == 8 * sum(
+        layer["in_features"] + layer["out_features"] for layer in results["structure"]["layers"].values()
+    )
+    assert (tmp_path / "wandb").is_dir()  # W&B on by default, offline without credentials
+    assert results["wandb"] == {
+        "group": "lora-tiny_llama-planted",
+        "name": "lora-tiny_llama-planted-seed0",
+        "job_type": "train",
+        "tags": ["seed:0", "lora", "tiny_llama", "planted"],
+    }
+    assert list(tmp_path.glob("csv/version_*/metrics.csv"))
+
+
+@pytest.mark.parametrize("adapter", ["lora", "rslora", "lora_plus", "full", "dora", "pissa"])
+def test_each_baseline_writes_results(tmp_path: Path, adapter: str) -> None:
+    # LoRA+ (B at 16x) and full fine-tuning (every weight) want a smaller lr than LoRA
+    lr = ["optim.lr=2e-4"] if adapter in ("lora_plus", "full") else []
+    cfg = make_cfg(tmp_path, [f"adapter={adapter}", "trainer.max_steps=30", "trainer.val_check_interval=15", *lr])
+    results = train(cfg)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert on_disk["variant"] == adapter and on_disk["global_step"] == 30
+    assert on_disk["final_metrics"]["val/loss"] == pytest.approx(results["final_metrics"]["val/loss"])
+    total = on_disk["total_params"]
+    if adapter == "full":
+        assert on_disk["trainable_params"] == total
+    elif adapter in ("lora", "rslora", "lora_plus"):
+        assert on_disk["trainable_params"] == _lora_formula(cfg)
+        assert on_disk["total_params"] - on_disk["trainable_params"] == sum(
+            p.numel() for p in AdapterModule(cfg.model, cfg.task, cfg.adapter, cfg.optim).backbone.parameters()
+        )
+    else:  # peft: DoRA adds a magnitude vector per target (out features); PiSSA is plain LoRA-sized
+        extra = on_disk["trainable_params"] - _lora_formula(cfg)
+        assert (extra > 0) if adapter == "dora" else (extra == 0)
+    assert on_disk["final_metrics"]["val/gap_closed"] > 0
+
+
+def test_lora_plus_learning_rate_groups(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, ["adapter=lora_plus", "adapter.lr_ratio_B=8"])
+    module = AdapterModule(cfg.model, cfg.task, cfg.adapter, cfg.optim)
+    module.configure_model()
+
+    class _T:  # configure_optimizers reads the number of steps from the trainer
+        estimated_stepping_batches = 10
+
+    module._trainer = _T()
+    opt = module.configure_optimizers()["optimizer"]
+    groups = {len(g["params"]): g["lr"] for g in opt.param_groups}
+    n_layers = len(module.targets)
+    assert groups == {n_layers: cfg.optim.lr, n_layers: cfg.optim.lr * 8} or sorted(g["lr"] for g in opt.param_groups) == [
+        cfg.optim.lr,
+        cfg.optim.lr * 8,
+    ]
+    b_group = max(opt.param_groups, key=lambda g: g["lr"])
+    b_ids = {id(layer.lora_B) for layer in module.adapter_layers().values()}
+    assert {id(p) for p in b_group["params"]} == b_ids
+
+
+def test_checkpoint_reload_in_fresh_process_and_export(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, ["export=true"])
+    train(cfg)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    assert ckpt.exists()
+    blob = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert blob["adapter_plan"]["variant"] == "lora"
+    batch = torch.randint(0, 320, (2, 16))
+    torch.save(batch, tmp_path / "batch.pt")
+    script = f"""
+import torch
+from lightning_ralora.modules.adapter_module import AdapterModule
+from transformers import AutoModelForCausalLM
+m = AdapterModule.from_checkpoint(r"{ckpt}").eval()
+b = torch.load(r"{tmp_path / 'batch.pt'}")
+with torch.no_grad():
+    torch.save({{"adapted": m.backbone(input_ids=b).logits,
+                "export": AutoModelForCausalLM.from_pretrained(r"{tmp_path / 'export'}").eval()(input_ids=b).logits}},
+               r"{tmp_path / 'out.pt'}")
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = torch.load(tmp_path / "out.pt")
+    # reference: the trained module in this process
+    module = AdapterModule.from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        ref = module.backbone(input_ids=batch).logits
+        base = module.merged_backbone()
+    assert any(torch.count_nonzero(layer.lora_B) for layer in module.adapter_layers().values())
+    torch.testing.assert_close(out["adapted"], ref, rtol=0, atol=0)
+    torch.testing.assert_close(out["export"], ref, rtol=1e-5, atol=1e-5)
+    assert not any(type(m).__name__.endswith("Linear") and hasattr(m, "lora_A") for m in base.modules())
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_build_the_same_structure(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*CLI, f"hydra.run.dir={tmp_path}", "trainer=ddp", "trainer.devices=2", "trainer.max_steps=20", "wandb.mode=disabled"],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=500,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2
+    digests = results["structure_digest_per_rank"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+    assert results["final_metrics"]["val/gap_closed"] > 0
+
+
+def test_multirun_sweeps_single_process_jobs(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [*CLI, "-m", f"hydra.sweep.dir={tmp_path}", "adapter=lora,rslora", "seed=0,1", "trainer.max_steps=4",
+         "trainer.val_check_interval=4", "task.train_size=32", "task.val_size=8", "logger=csv"],
+        capture_output=True, text=True, env=ENV, timeout=500,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/results.json"))
+    seen = {(json.loads(p.read_text())["variant"], json.loads(p.read_text())["seed"]) for p in runs}
+    assert seen == {("lora", 0), ("lora", 1), ("rslora", 0), ("rslora", 1)}
