@@ -107,7 +107,7 @@ def structure_digests(module) -> list[str]:
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate, build, fit, validate once more, and write results.json. Returns the results dict."""
-    from .modules.adapter_module import AdapterModule
+    from .modules.adapter_module import AdapterModule, read_plan
 
     validate_config(cfg)
     run_dir = Path(cfg.run_dir)
@@ -136,7 +136,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         deterministic=bool(cfg.get("deterministic")),
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resolve_ckpt(cfg, run_dir))
+        ckpt = resolve_ckpt(cfg, run_dir)
+        if ckpt:  # Lightning reveals ckpt_path only after configure_model: the structure must be known before
+            module.plan = read_plan(ckpt)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
         digests = structure_digests(module)
         final = trainer.validate(module, datamodule=datamodule, verbose=False)
         results = {

@@ -1,0 +1,216 @@
+"""GID warm-up: estimate each target's gradient intrinsic dimensionality and fix the RaLoRA plan before training.
+
+Runs in `setup` (after the process group exists, before `configure_model` injects adapters and before DDP/FSDP
+wrapping), so the adapter structure is decided once, identically on every rank. The maths is in gid.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from ..gid import build_ralora_plan, estimate_gid, plot_cumulative_energy, plot_gid, validate_ralora_cfg
+from ..plan import AdapterPlan
+
+
+def rank_shard(loader: Iterable[Any], rank: int, world: int, n: int) -> Iterator[Any]:
+    """This rank's warm-up batches: global indices rank, rank+world, ... (at most n of them).
+
+    Every rank iterates the same (not yet distributed-sampled) loader, so the ranks' shards are disjoint and
+    together are the first n·world batches: the all-reduced mean equals a one-process mean over those batches.
+    """
+    if n <= 0:
+        return
+    taken = 0
+    for i, batch in enumerate(loader):
+        if i % world == rank:
+            yield batch
+            taken += 1
+            if taken == n:
+                return
+
+
+def _batch_size(loader: Any, batch: Any) -> int | None:
+    bs = getattr(loader, "batch_size", None)
+    if bs:
+        return int(bs)
+    try:
+        from lightning.pytorch.utilities.data import extract_batch_size
+
+        return int(extract_batch_size(batch))
+    except Exception:  # a batch of unknown structure just leaves the size unrecorded
+        return None
+
+
+class GIDWarmup(L.Callback):
+    """Build `pl_module.plan` from N warm-up gradients per rank (SPEC §2–§4) and write gid.json / gid.png.
+
+    `batches` is used only when the adapter config has no `gid_batches` (the config value wins). The plan is
+    skipped when the adapter needs no GID, when the module already has a plan (e.g. read from a checkpoint),
+    when `trainer.ckpt_path` is set (resume), and outside `fit`. Note: during `setup` Lightning exposes only a
+    path assigned as `trainer.ckpt_path = ...`; a `fit(ckpt_path=...)` argument is not visible until after
+    `configure_model`, so a resuming caller must set `pl_module.plan` (from the checkpoint) before `fit`.
+    """
+
+    def __init__(self, batches: int = 8) -> None:
+        super().__init__()
+        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
+            raise ValueError(f"GIDWarmup batches (adapter.gid_batches) must be an integer >= 1, got {batches!r}")
+        self.batches = batches
+        self.seconds: float | None = None
+        self._stats: dict[str, Any] | None = None
+        self._summary: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or getattr(pl_module, "plan", None) is not None:
+            return
+        cfg = dict(pl_module.adapter_cfg)
+        if not cfg.get("needs_gid", False):
+            return
+        if trainer.ckpt_path:
+            return  # resuming: the module rebuilds the plan stored in the checkpoint
+        problems = validate_ralora_cfg(cfg)
+        if problems:
+            raise ValueError("invalid RaLoRA adapter config:\n  - " + "\n  - ".join(problems))
+        pl_module.plan = self.estimate_plan(trainer, pl_module, cfg)
+        if trainer.is_global_zero:
+            self._write_and_log(trainer, pl_module, pl_module.plan)
+
+    def results_summary(self) -> dict[str, Any]:
+        """What results.json records about the warm-up (cost and sample size)."""
+        return {"seconds": self.seconds, **self._summary}
+
+    # --- steps --------------------------------------------------------------------------------
+    def _train_loader(self, trainer: L.Trainer) -> Any:
+        if trainer.datamodule is not None:
+            return trainer.datamodule.train_dataloader()
+        source = getattr(trainer.fit_loop, "_data_source", None)  # dataloaders passed to fit() directly
+        if source is not None and source.is_defined():
+            return source.dataloader()
+        raise RuntimeError("GIDWarmup needs a training dataloader (a datamodule or train_dataloaders in fit)")
+
+    def estimate_plan(self, trainer: L.Trainer, pl_module: L.LightningModule, cfg: dict[str, Any]) -> AdapterPlan:
+        """Run the warm-up on this rank's shard, all-reduce, build the plan and make it identical on every rank."""
+        n = int(cfg.get("gid_batches", self.batches))
+        rank, world = trainer.global_rank, trainer.world_size
+        device = trainer.strategy.root_device
+        pl_module.to(device)
+        backbone = pl_module.backbone
+        loader = self._train_loader(trainer)
+        seen: dict[str, Any] = {}
+
+        def batches() -> Iterator[Any]:
+            for batch in rank_shard(loader, rank, world, n):
+                if "batch_size" not in seen:
+                    seen["batch_size"] = _batch_size(loader, batch)
+                yield move_data_to_device(batch, device)
+
+        info: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        # fork the RNG: shuffling and dropout here must not shift the adapter init or the data order of training
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        # the training forward's autocast (bf16), except fp16 AMP: without its loss scaler, small gradients
+        # would underflow, so the warm-up runs in fp32 there
+        fp16_amp = str(trainer.precision).startswith("16")
+        ctx = contextlib.nullcontext() if fp16_amp else trainer.precision_plugin.forward_context()
+        with torch.random.fork_rng(devices=cuda), ctx:
+            stats = estimate_gid(
+                backbone, batches(), lambda model, batch: pl_module.training_loss(batch), pl_module.targets, info=info
+            )
+        self.seconds = time.perf_counter() - t0
+        if info.get("batches_total", 0) < n * world:
+            rank_zero_warn(
+                f"GID warm-up used {info.get('batches_total')} batches in total, fewer than "
+                f"adapter.gid_batches x world = {n} x {world}: the training dataloader is shorter"
+            )
+        shapes = {}
+        for name in pl_module.targets:
+            lin = backbone.get_submodule(name)
+            shapes[name] = (int(lin.out_features), int(lin.in_features))
+        plan = build_ralora_plan(stats, shapes, cfg)
+        plan.meta.update(
+            gid_N_per_rank=n,
+            gid_batches_total=info.get("batches_total"),
+            gid_batch_size=seen.get("batch_size"),
+            world_size=world,
+            gid_seconds=self.seconds,
+            gid_train_mode=bool(backbone.training),
+            gid_precision="32-true" if fp16_amp else str(trainer.precision),
+            gid_stats={k: v.to_dict(with_sigma=False) for k, v in stats.items()},
+        )
+        # the statistics are already all-reduced; broadcasting rank 0's plan also removes any doubt about
+        # last-bit differences in the SVD near a block-count boundary (and makes the timing fields agree)
+        plan = AdapterPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
+        self._stats = stats
+        self._summary = {
+            k: plan.meta[k] for k in ("gid_N_per_rank", "gid_batches_total", "gid_batch_size", "world_size")
+        }
+        return plan
+
+    def _write_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, plan: AdapterPlan) -> None:
+        """Rank 0: run_dir/gid.json, gid.png, gid_energy.png, and the plot plus a table to any W&B logger."""
+        run_dir = getattr(pl_module, "run_dir", None)
+        png = None
+        if run_dir is not None:
+            run_dir = Path(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            blob = {
+                **plan.to_dict(),
+                "N": plan.meta.get("gid_N_per_rank"),
+                "batches_total": plan.meta.get("gid_batches_total"),
+                "batch_size": plan.meta.get("gid_batch_size"),
+                "world_size": plan.meta.get("world_size"),
+                "seconds": plan.meta.get("gid_seconds"),
+            }
+            tmp = run_dir / "gid.json.tmp"
+            tmp.write_text(json.dumps(blob, indent=2))
+            tmp.replace(run_dir / "gid.json")  # never leave a half-written gid.json behind
+            try:
+                png = plot_gid(plan, run_dir / "gid.png")
+                if self._stats:
+                    plot_cumulative_energy(self._stats, run_dir / "gid_energy.png")
+            except Exception as e:  # a plotting failure must not stop training
+                rank_zero_warn(f"GIDWarmup: could not draw gid.png ({type(e).__name__}: {e})")
+        self._log_wandb(trainer, plan, png)
+
+    @staticmethod
+    def _log_wandb(trainer: L.Trainer, plan: AdapterPlan, png: Path | None) -> None:
+        try:
+            from lightning.pytorch.loggers import WandbLogger
+        except Exception:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        columns = ["module", "type", "out", "in", "erank", "importance", "r", "n_blocks", "scale", "notes"]
+        data = [
+            [
+                name,
+                name.rsplit(".", 1)[-1],
+                e.shape[0],
+                e.shape[1],
+                e.erank,
+                e.importance,
+                e.spec.r,
+                e.spec.n_blocks,
+                e.spec.scale,
+                "; ".join(e.notes),
+            ]
+            for name, e in plan.entries.items()
+        ]
+        for lg in loggers:
+            try:
+                lg.log_table("gid/layers", columns=columns, data=data)
+                if png is not None:
+                    lg.log_image("gid/plan", [str(png)])
+            except Exception as e:  # logging is best effort
+                rank_zero_warn(f"GIDWarmup: could not log to W&B ({type(e).__name__}: {e})")
