@@ -194,5 +194,41 @@ def main() -> None:
     _hydra_main()
 
 
+def profile_gid(cfg: DictConfig) -> dict[str, Any]:
+    """Estimate GID on the un-adapted backbone without training; write gid_profile.{json,md,png} to run_dir."""
+    from itertools import islice
+
+    from .gid_profile import profile
+    from .modules.adapter_module import AdapterModule
+
+    validate_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    module = AdapterModule(
+        *(OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "adapter", "optim")), seed=cfg.seed
+    )
+    n = int(cfg.adapter.get("gid_batches") or 8)
+    batches = list(islice(module.task.datamodule().train_dataloader(), n))
+    planted = {k: v["erank"] for k, v in getattr(module.task, "planted", {}).items()} or None
+    result = profile(module.backbone, batches, lambda model, batch: module.training_loss(batch), module.targets, run_dir, planted)
+    print((run_dir / "gid_profile.md").read_text())
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def _hydra_gid(cfg: DictConfig) -> None:
+    try:
+        profile_gid(cfg)
+    except ConfigError as err:
+        print(f"lightning-ralora-gid: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def gid_main() -> None:
+    """`lightning-ralora-gid [overrides]`: the GID profile of a model on a task, same Hydra groups as training."""
+    _hydra_gid()
+
+
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from ..gid import build_ralora_plan, estimate_gid, plot_cumulative_energy, plot_gid, validate_ralora_cfg
+from ..gid_profile import spearman
 from ..plan import AdapterPlan
 
 
@@ -49,6 +50,17 @@ def _batch_size(loader: Any, batch: Any) -> int | None:
         return int(extract_batch_size(batch))
     except Exception:  # a batch of unknown structure just leaves the size unrecorded
         return None
+
+
+def _versus_planted(pl_module: L.LightningModule, plan: AdapterPlan) -> dict[str, Any]:
+    """When the task planted known updates (task=planted), each layer's planted erank and the Spearman rank
+    correlation with the estimate, so the estimate can be judged against the truth."""
+    planted = getattr(getattr(pl_module, "task", None), "planted", None)
+    if not planted:
+        return {}
+    names = [n for n in plan.entries if n in planted]
+    rho = spearman([plan.entries[n].erank for n in names], [planted[n]["erank"] for n in names])
+    return {"planted_erank": {n: planted[n]["erank"] for n in names}, "spearman_erank_vs_planted": rho}
 
 
 class GIDWarmup(L.Callback):
@@ -170,6 +182,7 @@ class GIDWarmup(L.Callback):
                 "batch_size": plan.meta.get("gid_batch_size"),
                 "world_size": plan.meta.get("world_size"),
                 "seconds": plan.meta.get("gid_seconds"),
+                **_versus_planted(pl_module, plan),
             }
             tmp = run_dir / "gid.json.tmp"
             tmp.write_text(json.dumps(blob, indent=2))

@@ -58,7 +58,7 @@ class ClassificationTask(Task):
                 ids[i, : len(it["input_ids"])], mask[i, : len(it["input_ids"])] = it["input_ids"], 1
             return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
 
-        return ListDataModule(self._encode(train), self._encode(val), self.cfg["batch_size"], collate_fn=collate)
+        return ListDataModule(self._encode(train), self._encode(val), self.cfg["batch_size"], collate_fn=collate, seed=self.seed)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

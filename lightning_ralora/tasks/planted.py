@@ -101,7 +101,7 @@ class PlantedTask(Task):
     def datamodule(self) -> L.LightningDataModule:
         train = self._sequences(self.cfg["train_size"], 0)
         val = self._sequences(self.cfg["val_size"], 10_000)
-        return ListDataModule(list(train), list(val), self.cfg["batch_size"], collate_fn=torch.stack)
+        return ListDataModule(list(train), list(val), self.cfg["batch_size"], collate_fn=torch.stack, seed=self.seed)
 
     def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
         assert self.teacher is not None, "PlantedTask.prepare() must run before loss()"
