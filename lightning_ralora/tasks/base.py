@@ -26,9 +26,8 @@ class Task:
         """Problems with the task config, each naming its field; checked before any model is built."""
         problems = []
         if model_cfg.get("family") not in cls.families:
-            problems.append(
-                f"model.family={model_cfg.get('family')!r} does not fit task={cls.name!r}; allowed: {list(cls.families)}"
-            )
+            family = model_cfg.get("family")
+            problems.append(f"model.family={family!r} does not fit task={cls.name!r}; allowed: {list(cls.families)}")
         bs = cfg.get("batch_size")
         if not isinstance(bs, int) or bs < 1:
             problems.append(f"task.batch_size must be a positive integer, got {bs!r}")

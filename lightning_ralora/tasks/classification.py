@@ -41,8 +41,11 @@ class ClassificationTask(Task):
         for r in rows:
             label = int(r[lk])
             if not 0 <= label < self.cfg["num_labels"]:
-                raise ValueError(f"task.label_key={lk!r}: label {label} outside [0, task.num_labels={self.cfg['num_labels']})")
-            ids = self.tokenizer(str(r[tk]), add_special_tokens=False, truncation=True, max_length=n)["input_ids"]
+                raise ValueError(
+                    f"task.label_key={lk!r}: label {label} outside [0, task.num_labels={self.cfg['num_labels']})"
+                )
+            pair = str(r[self.cfg["text_pair_key"]]) if self.cfg.get("text_pair_key") else None  # e.g. GLUE MNLI
+            ids = self.tokenizer(str(r[tk]), pair, truncation=True, max_length=n)["input_ids"]
             out.append({"input_ids": torch.tensor(ids or [self.tokenizer.pad_token_id]), "label": label})
         return out
 
@@ -58,7 +61,9 @@ class ClassificationTask(Task):
                 ids[i, : len(it["input_ids"])], mask[i, : len(it["input_ids"])] = it["input_ids"], 1
             return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
 
-        return ListDataModule(self._encode(train), self._encode(val), self.cfg["batch_size"], collate_fn=collate, seed=self.seed)
+        return ListDataModule(
+            self._encode(train), self._encode(val), self.cfg["batch_size"], collate_fn=collate, seed=self.seed
+        )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

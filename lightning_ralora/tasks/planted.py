@@ -90,7 +90,11 @@ class PlantedTask(Task):
             with torch.no_grad():
                 lin.weight.add_(delta.to(lin.weight.dtype))
             sigma = torch.linalg.svdvals(delta)
-            self.planted[name] = {"profile": profile, "erank": float(effective_rank(sigma)), "norm": float(delta.norm())}
+            self.planted[name] = {
+                "profile": profile,
+                "erank": float(effective_rank(sigma)),
+                "norm": float(delta.norm()),
+            }
         self.teacher = teacher
 
     def _sequences(self, n: int, offset: int) -> torch.Tensor:

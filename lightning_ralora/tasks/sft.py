@@ -61,10 +61,16 @@ class SFTTask(Task):
 
     def datamodule(self) -> L.LightningDataModule:
         train, val = load_split(self.cfg, self.seed)
-        pk, rk, n = self.cfg.get("prompt_key", "prompt"), self.cfg.get("response_key", "response"), self.cfg["max_length"]
+        pk, rk, n = (
+            self.cfg.get("prompt_key", "prompt"),
+            self.cfg.get("response_key", "response"),
+            self.cfg["max_length"],
+        )
         enc = [encode_pair(self.tokenizer, r[pk], r[rk], n) for r in train]
         enc_val = [encode_pair(self.tokenizer, r[pk], r[rk], n) for r in val]
-        return ListDataModule(enc, enc_val, self.cfg["batch_size"], collate_fn=pad_collate(self.tokenizer.pad_token_id), seed=self.seed)
+        return ListDataModule(
+            enc, enc_val, self.cfg["batch_size"], collate_fn=pad_collate(self.tokenizer.pad_token_id), seed=self.seed
+        )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss
