@@ -89,20 +89,35 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def _floats(metrics: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float, torch.Tensor)) and torch.tensor(v).numel() == 1}
+    return {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float, torch.Tensor)) and torch.tensor(v).numel() == 1
+    }
 
 
-def structure_digests(module) -> list[str]:
-    """SHA-256 of the adapter structure on every rank (one entry per rank): equal digests prove all ranks
-    built the same adapters."""
+def _gather(value: str) -> list[str]:
+    """One entry per rank (a single entry outside torch.distributed)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return [value]
+    values: list[str] = [""] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def rank_digests(module) -> dict[str, list[str]]:
+    """SHA-256 per rank of the adapter structure and of the adapter tensors (parameters and buffers such as
+    SDS's Q's): equal digests prove every rank built, and ended with, the same adapters."""
     import hashlib
 
-    digest = hashlib.sha256(json.dumps(module.structure()["layers"], sort_keys=True).encode()).hexdigest()
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return [digest]
-    digests: list[str] = [""] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(digests, digest)
-    return digests
+    structure = hashlib.sha256(json.dumps(module.structure()["layers"], sort_keys=True).encode())
+    state = hashlib.sha256()
+    for name, layer in module.adapter_layers().items():
+        for key, tensor in layer.state_dict().items():
+            if not key.startswith("base."):
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                state.update(f"{name}.{key}".encode() + full.detach().cpu().float().numpy().tobytes())
+    return {"structure": _gather(structure.hexdigest()), "adapter_state": _gather(state.hexdigest())}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -140,7 +155,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if ckpt:  # Lightning reveals ckpt_path only after configure_model: the structure must be known before
             module.plan = read_plan(ckpt)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
-        digests = structure_digests(module)
+        digests = rank_digests(module)
         final = trainer.validate(module, datamodule=datamodule, verbose=False)
         results = {
             "variant": cfg.adapter.name,
@@ -152,10 +167,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "structure": module.structure(),
             "plan": module.plan.to_dict() if module.plan is not None else None,
             "task_summary": module.task.summary(),
-            "callbacks": {type(cb).__name__: cb.results_summary() for cb in trainer.callbacks if hasattr(cb, "results_summary")},
+            "callbacks": {
+                type(cb).__name__: cb.results_summary() for cb in trainer.callbacks if hasattr(cb, "results_summary")
+            },
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
-            "structure_digest_per_rank": digests,
+            "structure_digest_per_rank": digests["structure"],
+            "adapter_state_digest_per_rank": digests["adapter_state"],
             "wall_time_s": time.time() - start,
             "host": socket.gethostname(),
             "wandb": run_names(cfg),
@@ -211,7 +229,9 @@ def profile_gid(cfg: DictConfig) -> dict[str, Any]:
     n = int(cfg.adapter.get("gid_batches") or 8)
     batches = list(islice(module.task.datamodule().train_dataloader(), n))
     planted = {k: v["erank"] for k, v in getattr(module.task, "planted", {}).items()} or None
-    result = profile(module.backbone, batches, lambda model, batch: module.training_loss(batch), module.targets, run_dir, planted)
+    result = profile(
+        module.backbone, batches, lambda model, batch: module.training_loss(batch), module.targets, run_dir, planted
+    )
     print((run_dir / "gid_profile.md").read_text())
     return result
 

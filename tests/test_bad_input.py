@@ -19,7 +19,10 @@ ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={tmp_path}", *overrides],
-        capture_output=True, text=True, env=ENV, timeout=300,
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
     )
 
 
@@ -27,9 +30,15 @@ def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     ("overrides", "expected"),
     [
         (["adapter.r=0"], "adapter.r must be a positive integer, got 0"),
-        (["adapter.target_modules=[nonexistent_proj]"], "matches no linear layer. Linear layer names in this model end in: "),
+        (
+            ["adapter.target_modules=[nonexistent_proj]"],
+            "matches no linear layer. Linear layer names in this model end in: ",
+        ),
         (["task=sft", "task.data_files=/no/such/file.jsonl"], "task.data_files: file not found: /no/such/file.jsonl"),
-        (["model=llama3_8b", "model.pretrained=no-such-org/no-such-model-xyz"], "model.pretrained='no-such-org/no-such-model-xyz' could not be loaded"),
+        (
+            ["model=llama3_8b", "model.pretrained=no-such-org/no-such-model-xyz"],
+            "model.pretrained='no-such-org/no-such-model-xyz' could not be loaded",
+        ),
     ],
     ids=["r0", "targets", "data_file", "model_name"],
 )
@@ -60,7 +69,9 @@ def test_unknown_adapter_name_lists_the_options(tmp_path: Path) -> None:
 
 
 def test_all_problems_are_collected_into_one_error(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, ["adapter.r=-1", "adapter.alpha=0", "optim.lr=0", "trainer.max_steps=0", "task.batch_size=0"])
+    cfg = make_cfg(
+        tmp_path, ["adapter.r=-1", "adapter.alpha=0", "optim.lr=0", "trainer.max_steps=0", "task.batch_size=0"]
+    )
     with pytest.raises(ConfigError) as err:
         validate_config(cfg)
     fields = ["adapter.r", "adapter.alpha", "optim.lr", "trainer.max_steps", "task.batch_size"]
@@ -71,3 +82,27 @@ def test_all_problems_are_collected_into_one_error(tmp_path: Path) -> None:
 def test_task_and_model_family_must_fit(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"model.family='causal_lm' does not fit task='classification'"):
         validate_config(make_cfg(tmp_path, ["task=classification", "task.data_files=/x.csv"]))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["adapter=ralora", "adapter.n_max=6"], "adapter.n_max"),
+        (["adapter=ralora_pro", "adapter.r_min=16", "adapter.r_max=4"], "adapter.r_min"),
+        (["adapter=ralora", "adapter.gid_batches=0"], "adapter.gid_batches"),
+        (["adapter=ralora_pro", "adapter.smoothing=cube"], "adapter.smoothing"),
+        (["adapter=gralora", "adapter.k=3"], "adapter.k=3 must divide adapter.r=32"),
+        (
+            ["adapter=gralora", "adapter.r=12", "adapter.k=4", "model.config.hidden_size=72"],
+            "adapter.k=4 must divide in",
+        ),
+        (["adapter=sds_lora", "adapter.K=0"], "adapter.K"),
+    ],
+    ids=["n_max", "r_min_gt_r_max", "gid_batches", "smoothing", "gralora_k_r", "gralora_k_shape", "sds_K"],
+)
+def test_variant_specific_bad_input_is_named_before_any_compute(
+    tmp_path: Path, overrides: list[str], field: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        validate_config(make_cfg(tmp_path, overrides))
+    assert field in str(err.value)

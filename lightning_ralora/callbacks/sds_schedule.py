@@ -148,6 +148,14 @@ class SDSSchedule(L.Callback):
             self._refresh(trainer, layers, step)
 
     # --- checkpointing -------------------------------------------------------------------------------
+    def results_summary(self) -> dict[str, Any]:
+        """What results.json keeps: when the switch happened, every refresh step and its relative ΔW jump."""
+        return {
+            **self.state_dict(),
+            "refreshes": len(self.refresh_log),
+            "mean_jump": sum(self.jump_log) / len(self.jump_log) if self.jump_log else None,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "warmup_steps": self.warmup_steps,
