@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -52,3 +55,24 @@ def cls_file(tmp_path: Path) -> Path:
     lines = ["text,label"] + [f"{'good' if i % 2 else 'bad'} item {i},{i % 2}" for i in range(80)]
     path.write_text("\n".join(lines))
     return path
+
+
+def run_cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m lightning_ralora.train hydra.run.dir=<run_dir> overrides...` as a user runs it (W&B disabled
+    unless `env` says otherwise)."""
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={run_dir}", *overrides],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matrices: one thread avoids OpenMP contention on shared CPUs (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

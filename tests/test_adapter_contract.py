@@ -67,7 +67,9 @@ def test_merge_unmerge_round_trip(case: Case) -> None:
     assert layer.merged
     torch.testing.assert_close(layer.base.weight, w0 + layer.delta_weight(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(nn.functional.linear(x, layer.base.weight, layer.base.bias), before, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        nn.functional.linear(x, layer.base.weight, layer.base.bias), before, rtol=1e-5, atol=1e-5
+    )
     layer.unmerge()
     assert not layer.merged
     torch.testing.assert_close(layer.base.weight, w0, rtol=0, atol=1e-6)
@@ -129,7 +131,7 @@ def test_save_load_in_fresh_process_gives_identical_outputs(tmp_path) -> None:
         import torch
         from torch import nn
         from lightning_ralora.adapters import ADAPTER_CLASSES, LayerSpec
-        exp = torch.load(r"{tmp_path / 'expected.pt'}")
+        exp = torch.load(r"{tmp_path / "expected.pt"}")
         for name, out in exp["out"].items():
             blob = torch.load(r"{tmp_path}" + "/" + name + ".pt")
             spec = LayerSpec.from_dict(blob["spec"])

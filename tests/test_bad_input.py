@@ -3,27 +3,17 @@ results.json behind."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from lightning_ralora.config import ConfigError, validate_config
-from tests.conftest import make_cfg
-
-ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+from tests.conftest import make_cfg, run_cli
 
 
 def _cli(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={tmp_path}", *overrides],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    return run_cli(tmp_path, *overrides, env={"HF_HUB_OFFLINE": "1"})
 
 
 @pytest.mark.parametrize(

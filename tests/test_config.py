@@ -35,5 +35,10 @@ def test_experiment_configs_compose(tmp_path: Path, experiment: str) -> None:
 
 def test_published_numbers_cover_spec_section_8() -> None:
     published = yaml.safe_load((Path(CONF_DIR).parent / "experiments" / "published.yaml").read_text())
-    assert published["ralora"]["gsm8k_llama31_8b"] == {"lora": 67.78, "ralora": 72.25, "ralora_pro": 73.01, "full": 73.69}
+    assert published["ralora"]["gsm8k_llama31_8b"] == {
+        "lora": 67.78,
+        "ralora": 72.25,
+        "ralora_pro": 73.01,
+        "full": 73.69,
+    }
     assert published["sds_lora"]["commonsense_llama3_8b_r8_avg"]["sds_lora"] == 85.42

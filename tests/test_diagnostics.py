@@ -28,13 +28,7 @@ from tests.adapter_cases import CASES, IN, OUT, Case
 ids = [c.name for c in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one thread avoids OpenMP contention on shared CPUs (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _layer(case: Case, seed: int = 0):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +10,7 @@ import torch
 
 from lightning_ralora.modules.adapter_module import AdapterModule
 from lightning_ralora.train import train
-from tests.conftest import make_cfg
-
-ENV = {**os.environ, "WANDB_MODE": "disabled"}
+from tests.conftest import make_cfg, run_cli
 
 
 def _adapter_state(path: Path) -> dict[str, torch.Tensor]:
@@ -36,7 +31,9 @@ def test_gid_plan_on_planted_task(tmp_path: Path, variant: str) -> None:
     # the structure built is exactly the plan, and the parameter count is r_l(m+n) summed
     for name, entry in gid["entries"].items():
         assert (layers[name]["r"], layers[name]["n_blocks"]) == (entry["spec"]["r"], entry["spec"]["n_blocks"])
-    assert results["trainable_params"] == sum(layer["r"] * (layer["in_features"] + layer["out_features"]) for layer in layers.values())
+    assert results["trainable_params"] == sum(
+        layer["r"] * (layer["in_features"] + layer["out_features"]) for layer in layers.values()
+    )
     meta = results["plan"]["meta"]
     if variant != "ralora":
         assert results["trainable_params"] == meta["params_plan"]
@@ -60,11 +57,7 @@ def test_ls_lora_has_ralora_pro_ranks_with_one_block(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ddp_plan_equals_single_process_estimate_on_the_same_global_batches(tmp_path: Path) -> None:
     common = ["adapter=ralora", "trainer.max_steps=2", "wandb.mode=disabled", "trainer.enable_progress_bar=false"]
-    ddp = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={tmp_path / 'ddp'}", "trainer=ddp",
-         "trainer.devices=2", "adapter.gid_batches=3", *common],
-        capture_output=True, text=True, env=ENV, timeout=500,
-    )
+    ddp = run_cli(tmp_path / "ddp", "trainer=ddp", "trainer.devices=2", "adapter.gid_batches=3", *common)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     # one process over the same 6 global batches (the ranks took batches 0,2,4 and 1,3,5)
     train(make_cfg(tmp_path / "single", ["adapter.gid_batches=6", "logger=csv", *common], fast=False))
@@ -82,8 +75,14 @@ def test_ddp_plan_equals_single_process_estimate_on_the_same_global_batches(tmp_
 
 def test_resume_after_warmup_matches_uninterrupted_run(tmp_path: Path) -> None:
     # 48 sequences / batch 8 = 6 steps per epoch; keep every checkpoint so step 6 can be resumed
-    common = ["adapter=ralora_pro", "adapter.gid_batches=2", "task.train_size=48", "trainer.max_steps=12",
-              "callbacks.checkpoint.save_top_k=-1", "deterministic=true"]
+    common = [
+        "adapter=ralora_pro",
+        "adapter.gid_batches=2",
+        "task.train_size=48",
+        "trainer.max_steps=12",
+        "callbacks.checkpoint.save_top_k=-1",
+        "deterministic=true",
+    ]
     full = train(make_cfg(tmp_path / "full", common))
     mid = tmp_path / "full" / "checkpoints" / "epoch=0-step=6.ckpt"
     assert mid.exists()

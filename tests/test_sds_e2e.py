@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,7 @@ import torch
 
 from lightning_ralora.adapters.sds import refresh_due
 from lightning_ralora.train import train
-from tests.conftest import make_cfg
-
-ENV = {**os.environ, "WANDB_MODE": "disabled"}
+from tests.conftest import make_cfg, run_cli
 
 
 def _scheduled(total: int, K: int, warmup: int) -> list[int]:
@@ -63,11 +58,9 @@ def test_sds_resume_refreshes_on_the_same_steps_with_the_same_weights(tmp_path: 
 
 @pytest.mark.slow
 def test_ddp_keeps_sds_buffers_identical_and_logs_alignment_once(tmp_path: Path) -> None:
-    res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={tmp_path}", "trainer=ddp", "trainer.devices=2",
-         "adapter=sds_lora", "callbacks=alignment", "callbacks.alignment.every_n_steps=5", "trainer.max_steps=30",
-         "trainer.log_every_n_steps=5", "wandb.mode=disabled", "trainer.enable_progress_bar=false"],
-        capture_output=True, text=True, env=ENV, timeout=500,
+    res = run_cli(
+        tmp_path, "trainer=ddp", "trainer.devices=2", "adapter=sds_lora", "callbacks=alignment",
+        "callbacks.alignment.every_n_steps=5", "trainer.max_steps=30", "trainer.log_every_n_steps=5",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())

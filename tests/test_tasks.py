@@ -89,7 +89,9 @@ def test_sft_loads_local_jsonl_and_dataset_dir_like_the_hub(tmp_path: Path, sft_
 
 
 def test_sft_run_trains_on_response_tokens(tmp_path: Path, sft_file: Path) -> None:
-    results = train(make_cfg(tmp_path, ["task=sft", f"task.data_files={sft_file}", "trainer.max_steps=16", "task.batch_size=8"]))
+    results = train(
+        make_cfg(tmp_path, ["task=sft", f"task.data_files={sft_file}", "trainer.max_steps=16", "task.batch_size=8"])
+    )
     assert math.isfinite(results["final_metrics"]["val/loss"])
     assert json.loads((tmp_path / "results.json").read_text())["task"] == "sft"
 
@@ -116,7 +118,10 @@ def test_classification_metrics_match_hand_computation() -> None:
 
 def test_classification_run_reports_metrics(tmp_path: Path, cls_file: Path) -> None:
     results = train(
-        make_cfg(tmp_path, ["model=tiny_llama_cls", "task=classification", f"task.data_files={cls_file}", "trainer.max_steps=20"])
+        make_cfg(
+            tmp_path,
+            ["model=tiny_llama_cls", "task=classification", f"task.data_files={cls_file}", "trainer.max_steps=20"],
+        )
     )
     for key in ("val/acc", "val/f1", "val/mcc"):
         assert key in results["final_metrics"]

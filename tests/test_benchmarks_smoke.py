@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark suite: `python -m benchmarks.run --quick` end to end (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_suite_writes_every_section_and_target(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text())
+    from benchmarks.report import TARGETS
+    from benchmarks.run import SECTIONS
+
+    for key in ("torch", "device", "host", "date", "threads"):
+        assert key in data["environment"]
+    assert set(data["sections"]) == set(SECTIONS)
+    for name, section in data["sections"].items():
+        assert section["figures"], f"section {name} has no figures"
+        for fig in section["figures"]:
+            for q in ("median", "q1", "q3"):
+                v = fig["ratio"][q]
+                assert math.isfinite(v) and v > 0, f"{fig['key']}: {q} = {v}"
+    measured = {f["target_id"] for s in data["sections"].values() for f in s["figures"] if f["target_id"]}
+    assert measured == set(TARGETS)
+    table = out.with_suffix(".md").read_text()
+    assert "| figure | measured ratio (spread) | target | met? |" in table
+    for target in TARGETS.values():
+        assert target["text"] in table and target["text"] in proc.stdout
+    for figures in data["figures"].values():
+        assert figures["met"] in (True, False, None)
+
+
+def test_paired_ratios_and_round_robin() -> None:
+    from benchmarks.common import paired_ratio, round_robin
+
+    calls: list[str] = []
+    times = round_robin({"a": lambda: calls.append("a") or 2.0, "b": lambda: calls.append("b") or 1.0}, 3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then rotating start
+    r = paired_ratio(times["a"], times["b"])
+    assert r["median"] == r["q1"] == r["q3"] == r["ratio_of_medians"] == 2.0 and r["n"] == 3
+
+
+def test_cli_rejects_unknown_section() -> None:
+    from benchmarks.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--sections", "layer,nope"])
