@@ -17,8 +17,14 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def linear_names(model: nn.Module) -> list[str]:
-    """Qualified names of every nn.Linear in the model (what target patterns may match)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, AdapterLayer)]
+    """Qualified names of every plain nn.Linear in the model (what target patterns may match); the frozen linear
+    inside an adapter layer is not one, so injecting twice cannot wrap a layer twice."""
+    adapted = {n for n, m in model.named_modules() if isinstance(m, AdapterLayer)}
+    return [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, AdapterLayer) and n.rpartition(".")[0] not in adapted
+    ]
 
 
 def _matches(name: str, target_modules: Iterable[str] | str) -> bool:
