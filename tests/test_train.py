@@ -142,3 +142,33 @@ def test_multirun_sweeps_single_process_jobs(tmp_path: Path) -> None:
     runs = sorted(tmp_path.glob("*/results.json"))
     seen = {(json.loads(p.read_text())["variant"], json.loads(p.read_text())["seed"]) for p in runs}
     assert seen == {("lora", 0), ("lora", 1), ("rslora", 0), ("rslora", 1)}
+
+
+def test_pretrained_directory_loads_and_checkpoints_hold_only_the_adapter(tmp_path: Path, sft_file: Path) -> None:
+    """The real `from_pretrained` path on a local directory in hub format (model + tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_ralora.data.tokenizer import byte_tokenizer
+
+    cfg = make_cfg(tmp_path)
+    hub_dir = tmp_path / "hub_model"
+    AdapterModule(cfg.model, cfg.task, cfg.adapter, cfg.optim).backbone.save_pretrained(hub_dir)
+    byte_tokenizer().save_pretrained(hub_dir)
+    run = tmp_path / "run"
+    overrides = ["task=sft", f"task.data_files={sft_file}", f"model.pretrained={hub_dir}", f"model.tokenizer={hub_dir}"]
+    train(make_cfg(run, [*overrides, "model.config=null", "trainer.max_steps=8"]))
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    layers = {k.rsplit(".", 1)[0] for k in ckpt["state_dict"]}
+    assert ckpt["state_dict"] and all(k.endswith((".lora_A", ".lora_B")) for k in ckpt["state_dict"])
+    assert len(layers) == 14  # 7 targets x 2 layers, nothing of the frozen base
+    module = AdapterModule.from_checkpoint(run / "checkpoints" / "last.ckpt").eval()
+    base = AutoModelForCausalLM.from_pretrained(hub_dir).eval()
+    x = torch.randint(0, 259, (2, 7))
+    with torch.no_grad():
+        merged = module.merged_backbone()(input_ids=x).logits
+        torch.testing.assert_close(module.backbone(input_ids=x).logits, merged, rtol=1e-5, atol=1e-5)
+        delta = {n: layer.delta_weight() for n, layer in module.adapter_layers().items()}
+        for name, d in delta.items():  # base weights come from the directory, the update from the checkpoint
+            w = module.backbone.get_submodule(name).base.weight
+            torch.testing.assert_close(w, base.get_submodule(name).weight, rtol=0, atol=0)
+            assert torch.count_nonzero(d) > 0

@@ -99,7 +99,9 @@ class AdapterModule(L.LightningModule):
                         f"adapter={self.adapter_cfg['name']} needs a plan from the GID warm-up callback "
                         "(lightning_ralora.callbacks.GIDWarmup) or a checkpoint; none was given"
                     )
-                self.plan = uniform_plan(self.backbone, self.targets, spec_from_cfg(self.adapter_cfg), self.adapter_cfg["name"])
+                self.plan = uniform_plan(
+                    self.backbone, self.targets, spec_from_cfg(self.adapter_cfg), self.adapter_cfg["name"]
+                )
             inject(self.backbone, self.targets, self.plan.specs())
         self.adapted = True
         mesh = getattr(self, "device_mesh", None)
@@ -123,7 +125,9 @@ class AdapterModule(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        blocks = [m for m in self.backbone.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer", "Block"))]
+        blocks = [
+            m for m in self.backbone.modules() if type(m).__name__.endswith(("DecoderLayer", "EncoderLayer", "Block"))
+        ]
         for block in blocks:
             fully_shard(block, mesh=dp)
         fully_shard(self.backbone, mesh=dp)
@@ -198,19 +202,24 @@ class AdapterModule(L.LightningModule):
         groups = [{"params": [p for _, p in named if id(p) not in b_ids], "lr": cfg["lr"]}]
         if b_params:  # LoRA+: B learns `lr_ratio_B` times faster than A
             groups.append({"params": b_params, "lr": cfg["lr"] * ratio})
-        opt = torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=cfg.get("weight_decay", 0.0))
+        opt = torch.optim.AdamW(
+            groups, lr=cfg["lr"], betas=tuple(cfg.get("betas", (0.9, 0.999))), weight_decay=cfg.get("weight_decay", 0.0)
+        )
         total = int(self.trainer.estimated_stepping_batches)
         warmup = int(cfg.get("warmup_steps") or round(cfg.get("warmup_ratio", 0.0) * total))
-        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=cfg.get("min_lr_ratio", 0.0))
+        sched = get_cosine_with_min_lr_schedule_with_warmup(
+            opt, warmup, total, min_lr_rate=cfg.get("min_lr_ratio", 0.0)
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- checkpoints and export ---------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PLAN_KEY] = self.plan.to_dict() if self.plan is not None else None
         checkpoint["val_loss0"] = self.val_loss0
-        if self.model_cfg.get("pretrained") and self.kind != "full":
+        if self.model_cfg.get("pretrained") and self.kind != "full":  # the base comes from the hub: keep the rest
             keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
-            keep |= {f"backbone.{n}" for n, _ in self.backbone.named_buffers() if ".lora" in n or "Q_" in n or "switched" in n}
+            for name, layer in self.adapter_layers().items():  # adapter buffers too (SDS's Q's and phase)
+                keep |= {f"backbone.{name}.{k}" for k in layer.state_dict() if not k.startswith("base.")}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
