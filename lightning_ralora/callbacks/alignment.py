@@ -1,9 +1,8 @@
 """Gradient-alignment logging (SPEC §7) as a Lightning callback: schedules `lightning_ralora.diagnostics`.
 
-Logging steps follow Lightning's own convention for `log_every_n_steps`: the optimizer steps number k·every_n_steps
-(1-based), i.e. `(trainer.global_step + 1) % every_n_steps == 0` while the step is being taken. Lightning's loggers
-record them at step k·every_n_steps − 1, in the same rows as `train/loss`. `every_n_steps` must therefore be a
-multiple of `trainer.log_every_n_steps` (checked in `setup`): Lightning drops step metrics logged on other steps.
+The measured optimizer steps are number k·every_n_steps (1-based), i.e. `(trainer.global_step + 1) % every_n_steps
+== 0` while the step is being taken. They go straight to the loggers (rank 0) at step k·every_n_steps − 1, the
+label Lightning gives that step's `train/loss`, whatever `trainer.log_every_n_steps` is.
 
 On a logging step the callback attaches a `FullGradientCapture` to every adapter layer in `on_train_batch_start`
 of the window's first micro-batch (so all `accumulate_grad_batches` micro-batches are captured), and in
@@ -33,6 +32,8 @@ from torch import nn
 from lightning_ralora.adapters import AdapterLayer, adapter_layers
 from lightning_ralora.diagnostics import METHODS, FullGradientCapture, layer_metrics
 from lightning_ralora.diagnostics.structure import dense
+
+from ._logging import log_event
 
 
 def _kind(pl_module: L.LightningModule) -> str | None:
@@ -91,16 +92,6 @@ class GradientAlignment(L.Callback):
     def is_logging_step(self, global_step: int) -> bool:
         """True when the optimizer step being taken at `trainer.global_step` is measured."""
         return (global_step + 1) % self.every_n_steps == 0
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage != "fit" or not trainer.loggers:
-            return
-        every = trainer.log_every_n_steps
-        if every > 0 and self.every_n_steps % every:
-            raise ValueError(
-                f"GradientAlignment: every_n_steps={self.every_n_steps} must be a multiple of "
-                f"trainer.log_every_n_steps={every}: Lightning writes step metrics only on those steps"
-            )
 
     def _root(self, pl_module: L.LightningModule) -> nn.Module:
         return getattr(pl_module, "backbone", pl_module)
@@ -161,7 +152,7 @@ class GradientAlignment(L.Callback):
             if key.startswith("align/mean/") or key == "align/cost_s":
                 self._record(key, value)
         to_log = metrics if self.per_layer else {k: v for k, v in metrics.items() if not self._is_layer_key(k)}
-        pl_module.log_dict(to_log, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+        log_event(trainer, to_log, step=step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._detach()

@@ -29,6 +29,8 @@ import torch
 from lightning_ralora.adapters import SDSLoRALinear, adapter_layers
 from lightning_ralora.adapters.sds import refresh_due
 
+from ._logging import log_event
+
 
 class SDSSchedule(L.Callback):
     """Switch SDS layers out of LoRA warm-up after `warmup_steps` optimizer steps, then QR-refresh them on schedule."""
@@ -79,19 +81,11 @@ class SDSSchedule(L.Callback):
         mean_jump = sum(jumps) / len(jumps)
         self.refresh_log.append(step)
         self.jump_log.append(mean_jump)
-        self._log_event(trainer, {"sds/refreshes": float(len(self.refresh_log)), "sds/refresh_jump": mean_jump})
-
-    @staticmethod
-    def _log_event(trainer: L.Trainer, metrics: dict[str, float]) -> None:
-        """Send a sparse event straight to the loggers (rank 0), at the step label Lightning gives this step's metrics.
-
-        Not `pl_module.log`: Lightning keeps an on_step value from a callback hook until the epoch ends and re-sends
-        it on every later step of the epoch, and `log_every_n_steps` would drop most refresh steps.
-        """
-        if not trainer.is_global_zero:
-            return
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step - 1)  # Lightning labels step t's metrics t - 1
+        log_event(
+            trainer,
+            {"sds/refreshes": float(len(self.refresh_log)), "sds/refresh_jump": mean_jump},
+            trainer.global_step - 1,
+        )
 
     # --- hooks -------------------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
