@@ -77,7 +77,6 @@ def _check_shapes(model, targets: list[str], a: Mapping[str, Any]) -> list[str]:
 def validate_config(cfg: DictConfig | Mapping[str, Any], check_model: bool = True) -> None:
     """Raise ConfigError listing every problem in the config. `check_model` builds the backbone skeleton on
     the meta device (no weights) to check the target patterns and shapes."""
-    from .adapters.inject import find_targets
 
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     model, task, adapter, trainer, optim = (c.get(k) or {} for k in ("model", "task", "adapter", "trainer", "optim"))
@@ -85,7 +84,9 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], check_model: bool = Tru
     if model.get("family") not in FAMILIES:
         problems.append(f"model.family={model.get('family')!r} is unknown; allowed: {list(FAMILIES)}")
     if not model.get("pretrained") and not model.get("config"):
-        problems.append("model.pretrained (hub name or local path) or model.config (a transformers config dict) is required")
+        problems.append(
+            "model.pretrained (hub name or local path) or model.config (a transformers config dict) is required"
+        )
     if not (model.get("target_modules") or adapter.get("target_modules")):
         problems.append("model.target_modules (or adapter.target_modules) must name the linear layers to adapt")
     task_cls = TASKS.get(task.get("name"))

@@ -55,7 +55,11 @@ class AdapterPlan:
         return {name: e.spec for name, e in self.entries.items()}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"variant": self.variant, "entries": {n: e.to_dict() for n, e in self.entries.items()}, "meta": self.meta}
+        return {
+            "variant": self.variant,
+            "entries": {n: e.to_dict() for n, e in self.entries.items()},
+            "meta": self.meta,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterPlan:

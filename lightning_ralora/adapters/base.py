@@ -135,7 +135,9 @@ class AdapterLayer(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + self.update(self.dropout(x)).to(y.dtype)
+        # in place: the base output is not saved for backward, and a fresh (tokens x out) tensor costs a full pass
+        # (on CPU mostly page faults); add_ also casts a float32 update into a bf16 output without a temporary
+        return y.add_(self.update(self.dropout(x)))
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the update (everything but the frozen base)."""

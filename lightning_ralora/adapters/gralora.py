@@ -61,11 +61,11 @@ class GraLoRALinear(AdapterLayer):
         """s·ΔW x as two batched contractions over the grid: h_ij = A_ij x_j, out_i = Σ_j B_ij h_ij."""
         x = x.to(self.gralora_A.dtype)
         xs = x.reshape(*x.shape[:-1], self.k, self.in_features // self.k)  # (..., j, n/k)
-        h = torch.einsum("...jn,ijrn->...ijr", xs, self.gralora_A)  # (..., i, j, r/k)
+        h = torch.einsum("...jn,ijrn->...ijr", xs, self.gralora_A) * self.scaling  # (..., i, j, r/k), scaled here
         out = torch.einsum("...ijr,ijmr->...im", h, self.gralora_B).reshape(*x.shape[:-1], self.out_features)
         if self.hybrid_r > 0:
-            out = out + F.linear(F.linear(x, self.hybrid_A), self.hybrid_B)
-        return out * self.scaling
+            out = out + F.linear(F.linear(x, self.hybrid_A) * self.scaling, self.hybrid_B)
+        return out
 
     def delta_weight(self) -> torch.Tensor:
         blocks = torch.einsum("ijmr,ijrn->imjn", self.gralora_B, self.gralora_A)  # (k, m/k, k, n/k)

@@ -16,9 +16,7 @@ class LoRALinear(AdapterLayer):
 
     kind = "lora"
 
-    def __init__(
-        self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False
-    ) -> None:
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
         super().__init__(base, dropout)
         check_rank(r)
         self.r, self.alpha, self.rslora = r, float(alpha), bool(rslora)
@@ -29,7 +27,8 @@ class LoRALinear(AdapterLayer):
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        # scale the (tokens x r) intermediate, not the (tokens x out) result: the same numbers, r/out of the work
+        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling
@@ -48,4 +47,3 @@ class LoRALinear(AdapterLayer):
     @classmethod
     def from_spec(cls, base: nn.Linear, spec: LayerSpec) -> LoRALinear:
         return cls(base, spec.r, spec.alpha, dropout=spec.dropout, rslora=spec.rslora)
-

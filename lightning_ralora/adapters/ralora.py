@@ -61,12 +61,12 @@ class RaLoRALinear(AdapterLayer):
         x = x.to(self.lora_A.dtype)
         nb = self.n_blocks
         if nb == 1:  # plain LoRA: the same kernels as LoRALinear, so outputs match it bit for bit
-            return F.linear(F.linear(x, self.lora_A[0]), self.lora_B[0]) * self.scaling
+            return F.linear(F.linear(x, self.lora_A[0]) * self.scaling, self.lora_B[0])
         lead = x.shape[:-1]
         xb = x.reshape(-1, nb, self.in_features // nb).transpose(0, 1)  # (n, M, in/n)
-        h = torch.bmm(xb, self.lora_A.transpose(1, 2))  # (n, M, r)
+        h = torch.bmm(xb, self.lora_A.transpose(1, 2)) * self.scaling  # (n, M, r): scale the small tensor
         y = torch.bmm(h, self.lora_B.transpose(1, 2))  # (n, M, out/n)
-        return y.transpose(0, 1).reshape(*lead, self.out_features) * self.scaling
+        return y.transpose(0, 1).reshape(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense block-diagonal ΔW (off-diagonal blocks exactly zero), differentiable in the factors."""

@@ -85,9 +85,12 @@ class SDSLoRALinear(AdapterLayer):
     def update(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
         if not self._switched:
-            return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        # s·(B Q_Aᵀ x + Q_B A x); the Q's are buffers, so autograd treats them as constants
-        return (F.linear(x @ self.Q_A, self.lora_B) + F.linear(F.linear(x, self.lora_A), self.Q_B)) * self.scaling
+            return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+        # s·(B Q_Aᵀ x + Q_B A x) = s·[B, Q_B]·[Q_Aᵀ x; A x]: one rank-2r contraction, so the (tokens x out) result is
+        # formed once (not twice plus a sum); the Q's are buffers, so autograd treats them as constants
+        w_in = torch.cat([self.Q_A.T, self.lora_A], 0)  # (2r, in)
+        w_out = torch.cat([self.lora_B, self.Q_B], 1)  # (out, 2r)
+        return F.linear(F.linear(x, w_in) * self.scaling, w_out)
 
     def delta_weight(self) -> torch.Tensor:
         if not self._switched:

@@ -57,4 +57,6 @@ class ListDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val, batch_size=self.batch_size, collate_fn=self.collate_fn, num_workers=self.num_workers)
+        return DataLoader(
+            self.val, batch_size=self.batch_size, collate_fn=self.collate_fn, num_workers=self.num_workers
+        )

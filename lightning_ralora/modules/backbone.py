@@ -38,7 +38,9 @@ def torch_dtype(name: str | None) -> torch.dtype | None:
     return None if name in (None, "auto") else getattr(torch, name)
 
 
-def build_backbone(model_cfg: Mapping[str, Any], extra_config: Mapping[str, Any] | None = None, meta: bool = False) -> nn.Module:
+def build_backbone(
+    model_cfg: Mapping[str, Any], extra_config: Mapping[str, Any] | None = None, meta: bool = False
+) -> nn.Module:
     """Instantiate the model. `meta=True` builds the skeleton without memory (used to validate targets)."""
     auto = _auto_class(model_cfg["family"])
     config = load_config(model_cfg, extra_config)

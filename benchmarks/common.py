@@ -1,0 +1,187 @@
+"""Shared machinery: device choice, interleaved repeated timing, medians with spread, paired ratios, figures."""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Env:
+    """Where and how the suite runs: device, dtype of the layer section, quick (tiny sizes) or full."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quick: bool
+    repeats: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        """True on a CUDA device (bf16, synchronised timings)."""
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        """Wait for queued device work, so a wall-clock timing covers it."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+def pick_env(device: str = "auto", quick: bool = False, repeats: dict[str, int] | None = None) -> Env:
+    """CUDA with bf16 when available (or asked for), else CPU with fp32."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return Env(device=dev, dtype=dtype, quick=quick, repeats=dict(repeats or {}))
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float, float]:
+    """(q1, median, q3) with the inclusive method; one sample gives that sample three times."""
+    xs = [float(x) for x in xs]
+    if not xs:
+        raise ValueError("quartiles of an empty sample")
+    if len(xs) == 1:
+        return xs[0], xs[0], xs[0]
+    q1, med, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+    return q1, med, q3
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Median, quartiles, IQR, min and n of a list of timings (seconds), plus the samples themselves."""
+    q1, med, q3 = quartiles(samples)
+    return {
+        "median": med,
+        "q1": q1,
+        "q3": q3,
+        "iqr": q3 - q1,
+        "min": min(samples),
+        "n": len(samples),
+        "samples": [float(s) for s in samples],
+    }
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> dict[str, Any]:
+    """Per-round ratios num[i]/den[i] (both measured in round i) summarised; also the ratio of the medians."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two equally long non-empty samples, got {len(num)} and {len(den)}")
+    ratios = [a / b for a, b in zip(num, den, strict=True)]
+    out = summarize(ratios)
+    out["ratio_of_medians"] = statistics.median(num) / statistics.median(den)
+    return out
+
+
+def round_robin(samplers: Mapping[str, Callable[[], float]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Call every sampler `repeats` times, interleaved: round i runs all of them, starting at position i.
+
+    A sampler returns one timing (seconds). `warmup` untimed rounds come first (allocations, lazy inits, caches).
+    The rotation gives every variant every position equally often, so slow drifts and neighbour effects cancel.
+    """
+    names = list(samplers)
+    for _ in range(warmup):
+        for name in names:
+            samplers[name]()
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(repeats):
+        k = i % len(names)
+        gc.collect()  # once per round: a full collection costs tens of ms with transformers and Lightning loaded
+        for name in names[k:] + names[:k]:
+            out[name].append(float(samplers[name]()))
+    return out
+
+
+def call_sampler(fn: Callable[[], Any], env: Env, inner: int = 1) -> Callable[[], float]:
+    """Wrap `fn` into a sampler: the mean wall time of `inner` calls, device-synchronised, gc paused."""
+
+    def sample() -> float:
+        env.sync()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            env.sync()
+            return (time.perf_counter() - t0) / inner
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return sample
+
+
+def calibrate_inner(fn: Callable[[], Any], env: Env, min_sample_s: float) -> int:
+    """How many calls of `fn` make one sample last about `min_sample_s` (at least 1); runs fn twice to warm up."""
+    fn()
+    t = call_sampler(fn, env, 1)()
+    return max(1, math.ceil(min_sample_s / max(t, 1e-9)))
+
+
+@dataclass
+class Figure:
+    """One row of the report: a ratio num/den measured side by side, with its spread and (maybe) a target."""
+
+    key: str
+    section: str
+    label: str
+    ratio: dict[str, Any]
+    target_id: str | None = None
+    bound: float | None = None
+    note: str = ""
+
+    @property
+    def value(self) -> float:
+        """The reported ratio: the median of the paired per-round ratios."""
+        return float(self.ratio["median"])
+
+    @property
+    def met(self) -> bool | None:
+        """True/False against the bound; None for figures without a target."""
+        return None if self.bound is None else self.value <= self.bound
+
+    @property
+    def within_spread(self) -> bool:
+        """True when the bound lies inside the interquartile range (the verdict is within the noise)."""
+        return self.bound is not None and self.ratio["q1"] <= self.bound <= self.ratio["q3"]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (samples included)."""
+        return {
+            "key": self.key,
+            "section": self.section,
+            "label": self.label,
+            "ratio": self.ratio,
+            "target_id": self.target_id,
+            "bound": self.bound,
+            "met": self.met,
+            "within_spread": self.within_spread,
+            "note": self.note,
+        }
+
+
+def ratio_figure(
+    key: str,
+    section: str,
+    label: str,
+    times: Mapping[str, Sequence[float]],
+    num: str,
+    den: str,
+    target_id: str | None = None,
+    note: str = "",
+) -> Figure:
+    """A Figure for times[num]/times[den] paired by round, with the bound of `target_id` (see report.TARGETS)."""
+    from .report import TARGETS
+
+    bound = TARGETS[target_id]["bound"] if target_id else None
+    return Figure(key, section, label, paired_ratio(times[num], times[den]), target_id, bound, note)
+
+
+def fmt_seconds(s: float) -> str:
+    """Human-readable duration for notes."""
+    return f"{s * 1e3:.1f} ms" if s < 1 else f"{s:.2f} s"
