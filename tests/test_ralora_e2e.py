@@ -99,3 +99,17 @@ def test_resume_after_warmup_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert {n: layer.spec().n_blocks for n, layer in module.adapter_layers().items()} == {
         n: e["spec"]["n_blocks"] for n, e in full["plan"]["entries"].items()
     }
+
+
+def test_gid_profiling_command_writes_the_profile_without_training(tmp_path: Path) -> None:
+    from lightning_ralora.train import profile_gid
+
+    result = profile_gid(make_cfg(tmp_path, ["adapter=ralora", "adapter.gid_batches=2"]))
+    for suffix in ("json", "md", "png"):
+        assert (tmp_path / f"gid_profile.{suffix}").stat().st_size > 0
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "checkpoints").exists()
+    layers = result["layers"]
+    assert len(layers) == 14 and all(layer["planted_erank"] is not None for layer in layers.values())
+    assert -1.0 <= result["spearman_erank_vs_planted"] <= 1.0
+    table = (tmp_path / "gid_profile.md").read_text()
+    assert "Spearman" in table and all(name in table for name in layers)
