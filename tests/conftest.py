@@ -60,8 +60,10 @@ def cls_file(tmp_path: Path) -> Path:
 def run_cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """`python -m lightning_ralora.train hydra.run.dir=<run_dir> overrides...` as a user runs it (W&B disabled
     unless `env` says otherwise)."""
+    flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m) go before the overrides
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={run_dir}", *overrides],
+        [sys.executable, "-m", "lightning_ralora.train", *flags, f"hydra.run.dir={run_dir}"]
+        + [o for o in overrides if not o.startswith("-")],
         capture_output=True,
         text=True,
         env={**os.environ, "WANDB_MODE": "disabled", **(env or {})},
