@@ -86,11 +86,12 @@ class SDSLoRALinear(AdapterLayer):
         x = x.to(self.lora_A.dtype)
         if not self._switched:
             return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
-        # s·(B Q_Aᵀ x + Q_B A x) = s·[B, Q_B]·[Q_Aᵀ x; A x]: one rank-2r contraction, so the (tokens x out) result is
-        # formed once (not twice plus a sum); the Q's are buffers, so autograd treats them as constants
-        w_in = torch.cat([self.Q_A.T, self.lora_A], 0)  # (2r, in)
-        w_out = torch.cat([self.lora_B, self.Q_B], 1)  # (out, 2r)
-        return F.linear(F.linear(x, w_in) * self.scaling, w_out)
+        # s·(B Q_Aᵀ x + Q_B A x), scaled on the (tokens x r) intermediates; the Q's are buffers, so autograd treats
+        # them as constants. Not one rank-2r product through cat([B, Q_B]): that saves weight copies for backward
+        # (+5 % peak memory on the tiny Llama) for a small speed gain.
+        return F.linear((x @ self.Q_A) * self.scaling, self.lora_B) + F.linear(
+            F.linear(x, self.lora_A) * self.scaling, self.Q_B
+        )
 
     def delta_weight(self) -> torch.Tensor:
         if not self._switched:
