@@ -3,7 +3,7 @@ collected and reported in one error that names the field and what is allowed."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -103,12 +103,12 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], check_model: bool = Tru
     if not (isinstance(seed, int) and seed >= 0):
         problems.append(f"seed must be an integer >= 0, got {seed!r}")
     if check_model and not problems:
-        problems += _check_model(model, task, adapter, task_cls)
+        problems += _check_model(model, task, adapter)
     if problems:
         raise ConfigError(problems)
 
 
-def _check_model(model: dict, task: dict, adapter: dict, task_cls: Callable) -> list[str]:
+def _check_model(model: dict, task: dict, adapter: dict) -> list[str]:
     from .adapters.inject import find_targets
 
     extra = {"num_labels": task["num_labels"]} if "num_labels" in task else {}

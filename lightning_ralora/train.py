@@ -120,9 +120,17 @@ def rank_digests(module) -> dict[str, list[str]]:
     return {"structure": _gather(structure.hexdigest()), "adapter_state": _gather(state.hexdigest())}
 
 
+def build_module(cfg: DictConfig, run_dir: Path | None = None):
+    """The AdapterModule a composed config describes (backbone built, adapters not yet injected)."""
+    from .modules.adapter_module import AdapterModule
+
+    parts = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "adapter", "optim"))
+    return AdapterModule(*parts, seed=cfg.seed, run_dir=str(run_dir) if run_dir else None)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Validate, build, fit, validate once more, and write results.json. Returns the results dict."""
-    from .modules.adapter_module import AdapterModule, read_plan
+    from .modules.adapter_module import read_plan
 
     validate_config(cfg)
     run_dir = Path(cfg.run_dir)
@@ -131,14 +139,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.use_deterministic_algorithms(True)
     L.seed_everything(cfg.seed, workers=True)
     start = time.time()
-    module = AdapterModule(
-        OmegaConf.to_container(cfg.model, resolve=True),
-        OmegaConf.to_container(cfg.task, resolve=True),
-        OmegaConf.to_container(cfg.adapter, resolve=True),
-        OmegaConf.to_container(cfg.optim, resolve=True),
-        seed=cfg.seed,
-        run_dir=str(run_dir),
-    )
+    module = build_module(cfg, run_dir)
     datamodule = module.task.datamodule()
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):
@@ -197,14 +198,18 @@ def _finish_wandb() -> None:
             wandb.finish()
 
 
+def _or_exit(prog: str, fn, cfg: DictConfig):
+    """Run `fn(cfg)`; a ConfigError becomes one message on stderr and exit code 2 (no traceback)."""
+    try:
+        return fn(cfg)
+    except ConfigError as err:
+        print(f"{prog}: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    try:
-        results = train(cfg)
-    except ConfigError as err:
-        print(f"lightning-ralora-train: {err}", file=sys.stderr)
-        sys.exit(2)
-    metrics = results["final_metrics"]
+    metrics = _or_exit("lightning-ralora-train", train, cfg)["final_metrics"]
     return metrics.get("val/gap_closed", metrics.get("val/loss"))
 
 
@@ -217,15 +222,12 @@ def profile_gid(cfg: DictConfig) -> dict[str, Any]:
     from itertools import islice
 
     from .gid_profile import profile
-    from .modules.adapter_module import AdapterModule
 
     validate_config(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
-    module = AdapterModule(
-        *(OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "adapter", "optim")), seed=cfg.seed
-    )
+    module = build_module(cfg)
     n = int(cfg.adapter.get("gid_batches") or 8)
     batches = list(islice(module.task.datamodule().train_dataloader(), n))
     planted = {k: v["erank"] for k, v in getattr(module.task, "planted", {}).items()} or None
@@ -238,11 +240,7 @@ def profile_gid(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_gid(cfg: DictConfig) -> None:
-    try:
-        profile_gid(cfg)
-    except ConfigError as err:
-        print(f"lightning-ralora-gid: {err}", file=sys.stderr)
-        sys.exit(2)
+    _or_exit("lightning-ralora-gid", profile_gid, cfg)
 
 
 def gid_main() -> None:
