@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from .adapters.base import AdapterLayer
 from .adapters.registry import VARIANTS, adapter_config, check_adapter, import_plugins
 from .adapters.schema import is_int, is_pos_int, nonneg_number, pos_int, pos_number
+from .cluster import launcher_problems
 from .modules.backbone import FAMILIES, build_backbone
 from .tasks import TASKS
 
@@ -89,7 +90,14 @@ def _devices_ok(value: Any) -> bool:
 
 def check_trainer(t: Mapping[str, Any]) -> list[str]:
     """The Trainer keys a run depends on, checked against what Lightning accepts, each naming `trainer.<key>`."""
-    problems = pos_int(t.get("max_steps"), "trainer.max_steps")
+    ms, me = t.get("max_steps"), t.get("max_epochs")
+    if ms == -1 and is_pos_int(me):  # epoch-based (the vision tables): the run ends after max_epochs
+        problems = []
+    elif ms == -1:
+        problems = [f"trainer.max_steps=-1 needs a positive trainer.max_epochs (the run must end), got {me!r}"]
+    else:
+        problems = pos_int(ms, "trainer.max_steps")
+        problems = [p + " (or -1 with a positive trainer.max_epochs)" for p in problems]
     if "devices" in t and not _devices_ok(t["devices"]):
         problems.append(
             f"trainer.devices={t['devices']!r} is not accepted; allowed: a positive integer, -1 (all), 'auto' "
@@ -117,7 +125,6 @@ def check_trainer(t: Mapping[str, Any]) -> list[str]:
         )
     if t.get("gradient_clip_val") is not None:
         problems += nonneg_number(t["gradient_clip_val"], "trainer.gradient_clip_val")
-    me = t.get("max_epochs")
     if me is not None and not (is_int(me) and me >= -1):
         problems.append(f"trainer.max_epochs must be an integer >= -1 (-1: unlimited) or null, got {me!r}")
     return problems
@@ -176,6 +183,7 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], check_model: bool = Tru
     else:
         problems += task_cls.validate(task, model)
     problems += check_trainer(trainer)
+    problems += launcher_problems(trainer)  # no Lightning subprocess launcher inside a Hydra multirun
     problems += pos_number(optim.get("lr"), "optim.lr")
     seed = c.get("seed")
     if not (is_int(seed) and seed >= 0):

@@ -61,16 +61,17 @@ def _user_set(path: str, keys: list[tuple[str, bool]]) -> bool:
     return False
 
 
-def _task_overrides() -> list[str]:
-    """Hydra's task overrides of the running job (empty outside a Hydra run, e.g. under the compose API)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+def command_line(cfg: DictConfig) -> list[str]:
+    """The run's command-line overrides: `cfg.overrides` (Hydra's task overrides, or compose_config's list)."""
+    try:
+        return [str(o) for o in (cfg.get("overrides") or [])]
+    except Exception:  # ${hydra:...} outside a Hydra run and not set by compose_config
+        return []
 
 
 def apply_method_settings(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
     """Merge `cfg.methods[cfg.adapter.name]` into a copy of `cfg`, keeping the keys set in `overrides`
-    (default: Hydra's task overrides when running under Hydra)."""
+    (default: the command line's, `cfg.overrides`)."""
     table = OmegaConf.to_container(cfg.methods, resolve=False) if cfg.get("methods") else {}
     defined = [str(k) for k, v in table.items() if v is not None]
     if not defined:
@@ -86,7 +87,7 @@ def apply_method_settings(cfg: DictConfig, overrides: list[str] | None = None) -
     entry = table[name]  # a plain dict: interpolations such as ${mul:2,${adapter.r}} stay strings
     if not isinstance(entry, dict):
         raise ConfigError([f"methods.{name} must be a mapping of config overrides, got {entry!r}"])
-    keys = _override_keys(_task_overrides() if overrides is None else overrides)
+    keys = _override_keys(command_line(cfg) if overrides is None else overrides)
     kept, applied = [], {}
     for path, value in _leaves(entry):
         if _user_set(path, keys):

@@ -4,6 +4,8 @@
 - `${add:${adapter.r},${adapter.hybrid_r}}`: the sum of the arguments.
 - `${sub:16,${adapter.hybrid_r}}`: the first argument minus the others (GraLoRA's hybrid-ratio sweep).
 - `${gralora_k:${adapter.r}}`: GraLoRA's grid size by rank (paper recipe, docs/maths.md §5): 2 for r <= 32, 4 above.
+- `${image_dataset:cars,path}`: a field (path, split, num_labels, ...) of a named vision data set
+  (evaluation/image.py IMAGE_DATASETS, the one table of hub copies the experiments and `eval=image` share).
 - `${rehearsal_data:${run_dir},gsm8k}`: a `debug=rehearsal` fixture file, written on first use (rehearsal.py).
 """
 
@@ -36,7 +38,24 @@ def gralora_k(r: int) -> int:
     return 2 if int(r) <= 32 else 4
 
 
-RESOLVERS = {"mul": mul, "add": add, "sub": sub, "gralora_k": gralora_k, "rehearsal_data": rehearsal_data}
+def image_dataset(name: str, field: str) -> str | int | None:
+    """A field of IMAGE_DATASETS[name] (cars, cub200, dtd, food101, sun397); one error naming the allowed keys."""
+    from .evaluation.image import IMAGE_DATASETS
+
+    key = str(name).lower()
+    if key not in IMAGE_DATASETS:
+        raise ValueError(f"image_set={name!r} unknown; allowed: {sorted(IMAGE_DATASETS)} (or set task.dataset)")
+    return getattr(IMAGE_DATASETS[key], field)
+
+
+RESOLVERS = {
+    "mul": mul,
+    "add": add,
+    "sub": sub,
+    "gralora_k": gralora_k,
+    "image_dataset": image_dataset,
+    "rehearsal_data": rehearsal_data,
+}
 
 
 def register_resolvers() -> None:

@@ -24,14 +24,15 @@ T = TypeVar("T")
 
 
 def compose_config(overrides: Sequence[str] = (), run_dir: str | Path | None = None) -> DictConfig:
-    """The config the CLI composes from the package's conf/ with these overrides (outside a Hydra run; `run_dir`,
-    if given, replaces the `${hydra:runtime.output_dir}` it would get)."""
+    """The config the CLI composes from the package's conf/ with these overrides (outside a Hydra run: `run_dir`,
+    if given, replaces the `${hydra:runtime.output_dir}` it would get, `overrides` the `${hydra:overrides.task}`)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=list(overrides))
-    if run_dir is not None:
-        with open_dict(cfg):
+    with open_dict(cfg):
+        cfg.overrides = list(overrides)
+        if run_dir is not None:
             cfg.run_dir = str(run_dir)
     return cfg
 
@@ -82,17 +83,31 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if cfg.trainer.get("enable_progress_bar", True):
         # a terminal gets a live bar; a log file (CI, SLURM) one line every 50 steps instead of thousands
         callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
-    return callbacks + variant_callbacks(cfg.adapter)
+    from .cluster import requeue_callbacks  # SIGUSR1 -> checkpoint + requeue, inside SLURM (docs/cluster.md)
+
+    return callbacks + variant_callbacks(cfg.adapter) + requeue_callbacks()
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """`cfg.trainer` as Trainer arguments; entries with a `_target_` (strategy, profiler, ...) are instantiated."""
-    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    return {k: hydra.utils.instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in kwargs.items()}
+    from .cluster import slurm_plugins
+
+    raw = OmegaConf.to_container(cfg.trainer, resolve=True)
+    kwargs = {k: hydra.utils.instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in raw.items()}
+    plugins = slurm_plugins()  # inside SLURM: requeue by cluster.RequeueOnSignal, not by Lightning
+    if plugins and "plugins" not in kwargs:
+        kwargs["plugins"] = plugins
+    return kwargs
 
 
 def resolve_ckpt(cfg: DictConfig, run_dir: Path) -> str | None:
-    """`ckpt_path`, with "last" meaning <run_dir>/checkpoints/last.ckpt when it exists (else a fresh start)."""
+    """`ckpt_path`, with "last" meaning <run_dir>/checkpoints/last.ckpt when it exists (else a fresh start). A job
+    requeued on SIGUSR1 resumes from the checkpoint its <run_dir>/requeue.json names, whatever ckpt_path says."""
+    from .cluster import requeued_ckpt
+
+    requeued = requeued_ckpt(run_dir)
+    if requeued:
+        return requeued
     if cfg.get("ckpt_path") == "last":
         last = run_dir / "checkpoints" / "last.ckpt"
         return str(last) if last.exists() else None
@@ -137,6 +152,17 @@ def rank_digests(module) -> dict[str, list[str]]:
     return {"structure": _gather(structure.hexdigest()), "adapter_state": _gather(state.hexdigest())}
 
 
+def peak_memory() -> dict[str, Any]:
+    """The run's peak memory: the GPU's `max_memory_allocated` on CUDA, else the process's peak resident set size
+    (what `sds_overhead` compares between LoRA and SDS-LoRA runs of one machine)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"peak_memory_bytes": int(torch.cuda.max_memory_allocated()), "peak_memory_kind": "cuda_max_allocated"}
+    import resource
+
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_memory_bytes": int(rss_kib) * 1024, "peak_memory_kind": "cpu_max_rss"}
+
+
 def results_record(
     cfg: DictConfig,
     trainer: L.Trainer,
@@ -144,8 +170,10 @@ def results_record(
     final: Sequence[Mapping[str, Any]],
     digests: Mapping[str, list[str]],
     wall_time_s: float,
+    fit_stats: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything results.json holds about a finished run (the one place its keys are defined)."""
+    """Everything results.json holds about a finished run (the one place its keys are defined). `fit_stats`: the
+    training phase's own time and peak memory (`fit_time_s`, `peak_memory_*`), taken before validation and eval."""
     return {
         "variant": cfg.adapter.name,
         "model": cfg.model.name,
@@ -164,6 +192,7 @@ def results_record(
         "structure_digest_per_rank": digests["structure"],
         "adapter_state_digest_per_rank": digests["adapter_state"],
         "wall_time_s": wall_time_s,
+        **(fit_stats or peak_memory()),
         "host": socket.gethostname(),
         "wandb": run_names(cfg),
         "config": OmegaConf.to_container(cfg, resolve=True),

@@ -184,7 +184,8 @@ def _train_dataset(run: Run) -> str | None:
 def _identity(results: Mapping[str, Any]) -> str:
     cfg = results.get("config") or {}
     keys = (_get(cfg, "task", "dataset"), _get(cfg, "task", "dataset_config"), _get(cfg, "task", "glue_task"))
-    return json.dumps([results.get("task"), *keys, _get(cfg, "adapter", "k")], default=str)
+    structure = (_get(cfg, "adapter", "k"), _get(cfg, "adapter", "hybrid_r"), _get(cfg, "eval", "dataset"))
+    return json.dumps([results.get("task"), *keys, *structure], default=str)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -255,7 +256,10 @@ def extract_gid(run: Run) -> dict[str, float]:
 
 
 def _s_per_step(run: Run) -> float | None:
-    wall, steps = _num(run.results.get("wall_time_s")), _num(run.results.get("global_step"))
+    """Training seconds per optimizer step: fit_time_s (the fit alone), else wall_time_s, over global_step."""
+    fit = _num(run.results.get("fit_time_s"))
+    wall = fit if fit is not None else _num(run.results.get("wall_time_s"))
+    steps = _num(run.results.get("global_step"))
     return wall / steps if wall is not None and steps else None
 
 
@@ -285,12 +289,14 @@ def extract_k_sweep(run: Run) -> dict[str, float]:
 
 
 def extract_hybrid_ratio(run: Run) -> dict[str, float]:
-    """eval.glue.score of MRPC runs under the shared share hybrid_r / (r + hybrid_r), in percent."""
+    """eval.glue.score of MRPC runs under the shared share hybrid_r / (r + hybrid_r), in percent; a plain LoRA run
+    is the all-shared end of the sweep (100 %), GraLoRA without a shared part 0 %."""
     adapter = _get(run.results, "config", "adapter") or {}
     if _glue_task(run) != "mrpc" or adapter.get("r") is None:
         return {}
     r, h = int(adapter["r"]), int(adapter.get("hybrid_r") or 0)
-    return _collect([(f"hybrid={round(100 * h / (r + h))}%", _eval_metric(run, "glue", "score"))])
+    share = 100 if run.results.get("variant") in ("lora", "rslora") else round(100 * h / (r + h))
+    return _collect([(f"hybrid={share}%", _eval_metric(run, "glue", "score"))])
 
 
 def extract_planted(run: Run) -> dict[str, float]:
@@ -427,7 +433,7 @@ def _tables() -> dict[str, TableSpec]:
         TableSpec(
             "sds_overhead",
             "SDS-LoRA, training overhead vs LoRA",
-            "s/step = wall_time_s / global_step; peak memory from results.json / final_metrics "
+            "s/step = fit_time_s (else wall_time_s) / global_step; peak memory from results.json / final_metrics "
             f"{' or '.join(MEMORY_KEYS)} (bytes); overhead % = 100 · (sds_lora mean / lora mean − 1), same model/rank",
             extract_overhead,
             (

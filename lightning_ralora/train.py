@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 
+from .cluster import objective_value
 from .config import validate_config
 from .evaluation.runner import prepare_training_eval, run_test_stage
 from .gid_profile import gid_main, profile_gid
@@ -28,6 +29,7 @@ from .run import (
     compose_config,
     exit_on_config_error,
     finish_wandb,
+    peak_memory,
     rank_digests,
     resolve_ckpt,
     results_record,
@@ -84,11 +86,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt = resolve_ckpt(cfg, run_dir)
         if ckpt:  # Lightning reveals ckpt_path only after configure_model: the structure must be known before
             module.plan = read_plan(ckpt)
+        fit_start = time.time()
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        fit_stats = {"fit_time_s": time.time() - fit_start, **peak_memory()}
         digests = rank_digests(module)
         final = trainer.validate(module, datamodule=datamodule, verbose=False)
         eval_metrics = run_test_stage(trainer, module, eval_jobs, cfg.eval, run_dir) if eval_jobs else None
-        results = results_record(cfg, trainer, module, final, digests, time.time() - start)
+        results = results_record(cfg, trainer, module, final, digests, time.time() - start, fit_stats)
         if eval_metrics is not None:
             results["eval"] = eval_metrics
         if trainer.is_global_zero:
@@ -102,9 +106,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> float | None:
-    metrics = exit_on_config_error("lightning-ralora-train", train, cfg)["final_metrics"]
-    return metrics.get("val/gap_closed", metrics.get("val/loss"))
+def _hydra_main(cfg: DictConfig) -> float:
+    """One job; returns the task's objective (`task.objective.metric`) for Hydra's sweepers (Optuna)."""
+    return objective_value(cfg.task, exit_on_config_error("lightning-ralora-train", train, cfg)["final_metrics"])
 
 
 def main() -> None:

@@ -9,8 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_ralora.adapters import ADAPTER_CLASSES
@@ -18,7 +17,7 @@ from lightning_ralora.config import ConfigError, validate_config
 from lightning_ralora.gid import GIDStat, build_ralora_plan
 from lightning_ralora.methods import apply_method_settings
 from lightning_ralora.modules.adapter_module import spec_from_cfg
-from lightning_ralora.train import CONF_DIR
+from lightning_ralora.run import CONF_DIR, compose_config
 
 SDS_METHODS = ["lora", "rslora", "lora_plus", "pissa", "dora", "sds_lora", "full"]
 SDS_LR = {  # SDS-LoRA paper, Table 10: (LoRA-based lr, full-FT lr)
@@ -36,10 +35,7 @@ RALORA_TABLES = {
 
 def settled(tmp_path: Path, overrides: list[str]) -> DictConfig:
     """Compose as the CLI would, apply the experiment's methods table (the overrides win), and validate."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    with open_dict(cfg):
-        cfg.run_dir = str(tmp_path)  # ${hydra:runtime.output_dir} has no Hydra runtime here
+    cfg = compose_config(overrides, run_dir=tmp_path)
     cfg = apply_method_settings(cfg, overrides)
     validate_config(cfg, check_model=False)
     return cfg
@@ -205,8 +201,7 @@ def test_adapter_missing_from_the_table_is_a_config_error(
 
 @pytest.mark.parametrize("adapter", ["lora", "gralora", "full"])
 def test_no_table_changes_nothing(tmp_path: Path, adapter: str) -> None:
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"adapter={adapter}"])
+    cfg = compose_config([f"adapter={adapter}"], run_dir="/tmp/unused")
     assert OmegaConf.to_container(cfg.methods) == {}
     assert apply_method_settings(cfg, []) is cfg
 
@@ -226,8 +221,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yam
 
 def _methods(experiment: str) -> list[str]:
     """The methods an experiment's table lists (composed, before any is applied)."""
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=[f"experiment={experiment}"])
+    cfg = compose_config([f"experiment={experiment}"], run_dir="/tmp/unused")
     table = OmegaConf.to_container(cfg.methods, resolve=False) if cfg.get("methods") else {}
     return sorted(k for k, v in table.items() if v is not None) or [cfg.adapter.name]
 

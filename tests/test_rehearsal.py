@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_ralora.run import CONF_DIR
-from lightning_ralora.tables import MISSING, TABLES
+from lightning_ralora.tables import GLUE, MISSING, SDS_IMAGE, TABLES
 from lightning_ralora.tables import main as tables_main
 from lightning_ralora.train import train
 
@@ -32,16 +32,17 @@ PLAN: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "ralora_chat_llama": ("lora", {"ralora_nlg": ("mt_bench",)}),
     "ralora_code_llama": ("ralora_pro", {"ralora_nlg": ("humaneval",), "ralora_gid": ("gid_code_feedback",)}),
     "ralora_glue_t5": ("ralora", {"ralora_glue": ("sst2",)}),
+    "ralora_image_clip": ("ralora", {"ralora_image": ("cars",)}),
     "ralora_gsm8k_llama": ("ralora", {"ralora_nlg": ("gsm8k",), "ralora_gid": ("gid_metamathqa",)}),
     "ralora_rank_ablation": ("ls_lora", {"ralora_rank_ablation": ("gsm8k",)}),
     "sds_code_gemma": ("dora", {"sds_nlg": ("humaneval",)}),
     "sds_code_llama": ("lora_plus", {"sds_nlg": ("humaneval",)}),
     "sds_commonsense_gemma": ("sds_lora", {"sds_commonsense": tuple(m.id for m in TABLES["sds_commonsense"].metrics)}),
     "sds_commonsense_llama": ("full", {"sds_commonsense": tuple(m.id for m in TABLES["sds_commonsense"].metrics)}),
+    "sds_image_vit": ("sds_lora", {"sds_image": ("cars",)}),
     "sds_math_gemma": ("pissa", {"sds_nlg": ("gsm8k", "math")}),
-    "sds_math_llama": ("rslora", {"sds_nlg": ("gsm8k", "math")}),
+    "sds_math_llama": ("rslora", {"sds_nlg": ("gsm8k", "math"), "sds_overhead": ("s_per_step", "peak_memory_gib")}),
 }
-FULL_TABLE = "sds_commonsense_llama"  # rehearsed with every method of its table (test_rehearse_full_table)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_every_experiment_has_a_rehearsal_plan_and_composes(tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e != FULL_TABLE])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_rehearse_experiment(experiment: str, tmp_path: Path, judge_url: str, one_thread: None) -> None:
     """One method of the experiment's table, 2 seeds: its cells of the experiment's table(s) are filled."""
     method, tables = PLAN[experiment]
@@ -106,14 +107,16 @@ def test_rehearse_experiment(experiment: str, tmp_path: Path, judge_url: str, on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["vit_base", "clip_vit_b16"])
-def test_rehearse_image_family(model: str, tmp_path: Path, judge_url: str, one_thread: None) -> None:
-    """No experiment uses the image models yet: a tiny ViT / CLIP-ViT on the fixture imagefolder fills a cell."""
+def test_rehearse_image_second_model_and_set(tmp_path: Path, judge_url: str, one_thread: None) -> None:
+    """sds_image_vit with model=vit_large image_set=dtd: Table 9's ViT-L DTD settings, the vit_large row's dtd cell."""
+    cfg = make_cfg(tmp_path / "cfg", ["experiment=sds_image_vit", "model=vit_large", "image_set=dtd"], fast=False)
+    assert (cfg.optim.lr, cfg.trainer.max_epochs, cfg.task.num_labels) == (1e-3, 7, 47)
     runs = tmp_path / "runs"
-    extra = (f"model={model}", "task=image_classification", "eval=image", "task.dataset=tanganke/stanford_cars")
     for seed in SEEDS:
-        rehearse(runs, None, "lora", seed, judge_url, *extra)
-    assert_filled(table_cells("ralora_image", runs, tmp_path / "tables"), "lora", ("cars",))
+        rehearse(runs, "sds_image_vit", "lora", seed, judge_url, "model=vit_large", "image_set=dtd")
+    cells = table_cells("sds_image", runs, tmp_path / "tables")
+    assert_filled(cells, "lora", ("dtd",))
+    assert {row["model"] for row in cells.values()} == {"vit_large"}
 
 
 @pytest.mark.slow
@@ -126,17 +129,59 @@ def test_rehearse_nlg_columns_from_two_experiments(tmp_path: Path, judge_url: st
     assert_filled(table_cells("sds_nlg", runs, tmp_path / "tables"), "lora", ("gsm8k", "math", "humaneval"))
 
 
+def sweep(experiment: str) -> list[list[str]]:
+    """The experiment's whole sweep at one rank and one seed: every method of its `methods:` table (planted_compare:
+    its table's rows) times the axis that makes the table's columns (GLUE task, image set, k, hybrid share)."""
+    cfg = make_cfg(Path("/tmp/unused"), [f"experiment={experiment}"], fast=False)
+    methods = [m for m, v in cfg.methods.items() if v is not None] or list(TABLES["planted_compare"].methods)
+    axis: dict[str, list[str]] = {
+        "ralora_glue_t5": [f"task.glue_task={t}" for t in GLUE],
+        "sds_image_vit": [f"image_set={d}" for d in SDS_IMAGE],
+        "ralora_image_clip": [f"image_set={d}" for d in SDS_IMAGE],
+    }.get(experiment, [""])
+    per_method: dict[str, list[str]] = {
+        "gralora_hybrid_ratio": {"hybrid_gralora": [f"adapter.hybrid_r={h}" for h in (0, 4, 8, 12)]},
+        "gralora_k_sweep": {"gralora": [f"adapter.k={k}" for k in (1, 2, 4, 8)]},
+        "gralora_code_llama": {"lora": ["adapter.r=16"], "gralora": ["adapter.r=16"]},
+    }.get(experiment, {})
+    return [[f"adapter={m}", *filter(None, [a, b])] for m in methods for a in axis for b in per_method.get(m, [""])]
+
+
+# table -> the columns a whole sweep fills beyond the default run's (PLAN): every GLUE task / image set, the derived
+# Avg; for sds_overhead SDS-LoRA's overhead over LoRA (its row only)
+SWEEP_COLUMNS: dict[str, tuple[str, ...]] = {
+    "ralora_glue": (*GLUE, "average"),
+    "sds_image": (*SDS_IMAGE, "average"),
+    "ralora_image": (*SDS_IMAGE, "average"),
+    "gralora_hybrid_ratio": ("hybrid=0%", "hybrid=25%", "hybrid=50%", "hybrid=75%"),
+    "gralora_k_sweep": ("k=1", "k=2", "k=4", "k=8"),
+}
+
+
 @pytest.mark.slow
-def test_rehearse_full_table(tmp_path: Path, judge_url: str, one_thread: None) -> None:
-    """Every method of the SDS commonsense table (LLaMA rows), 2 seeds: no missing cell in those rows."""
-    spec, methods = TABLES["sds_commonsense"], PLAN[FULL_TABLE][1]["sds_commonsense"]
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_rehearse_whole_sweep_fills_every_cell(
+    experiment: str, tmp_path: Path, judge_url: str, one_thread: None
+) -> None:
+    """Every method × column of the experiment's sweep (seed 0): every row it ran has every cell the experiment
+    fills, no "—" (ralora_gid: the planned variants' rows; the hybrid-ratio LoRA row: its 100 % column)."""
     runs = tmp_path / "runs"
-    for method in spec.methods:
-        for seed in SEEDS:
-            rehearse(runs, FULL_TABLE, method, seed, judge_url)
-    cells = table_cells(spec.id, runs, tmp_path / "tables")
-    for method in spec.methods:
-        assert_filled(cells, method, methods)
-    markdown = (tmp_path / "tables" / f"{spec.id}.md").read_text()
-    rows = [line.split("|")[4:-1] for line in markdown.splitlines() if line.startswith("| llama3_8b |")]
-    assert len(rows) == len(spec.methods) and not any(MISSING in cell for row in rows for cell in row), markdown
+    jobs = sweep(experiment)
+    for i, overrides in enumerate(jobs):
+        rehearse(runs / str(i), experiment, overrides[0].removeprefix("adapter="), 0, judge_url, *overrides[1:])
+    for table, metrics in PLAN[experiment][1].items():
+        cells = table_cells(table, runs, tmp_path / "tables")
+        methods = {method for method, _ in cells}
+        assert methods, table
+        if table != "ralora_gid":  # GID cells exist only for variants with a plan
+            assert methods == {o[0].removeprefix("adapter=") for o in jobs}, (table, methods)
+        for method in methods:
+            expected = SWEEP_COLUMNS.get(table, metrics)
+            if table == "sds_overhead" and method == "sds_lora":
+                expected = (*metrics, "time_pct", "memory_pct")
+            if table == "gralora_hybrid_ratio" and method == "lora":
+                expected = ("hybrid=100%",)
+            if table == "ralora_gid":
+                expected = tuple(m for (meth, m) in cells if meth == method)[:1] or metrics
+            missing = [m for m in expected if (method, m) not in cells]
+            assert not missing, f"{table}: {method} has no {missing}; cells {sorted(cells)}"

@@ -226,6 +226,32 @@ def test_glue_average_and_gralora_pivot(tmp_path: Path) -> None:
     assert "| llama3_8b | hybrid_gralora | 40.00 | — |" in md  # hybrid rank = r + hybrid_r = 16
 
 
+def test_hybrid_ratio_columns(tmp_path: Path) -> None:
+    """The hybrid-ratio sweep files each run under its shared share: GraLoRA 0 %, hybrid_r = 8 of 16 at 50 %, plain
+    LoRA at 100 % (the all-shared end), never under 0 %."""
+    root = tmp_path / "mrpc"
+    for variant, r, h, score in (("hybrid_gralora", 16, 0, 0.80), ("hybrid_gralora", 8, 8, 0.82), ("lora", 16, 0, 0.7)):
+        run = root / f"{variant}{h}"
+        run.mkdir(parents=True)
+        cfg = {
+            "experiment_name": "gralora_hybrid_ratio",
+            "adapter": {"r": r, "hybrid_r": h},
+            "task": {"glue_task": "mrpc"},
+        }
+        res = {
+            "variant": variant,
+            "model": "roberta_base",
+            "seed": 0,
+            "config": cfg,
+            "eval": {"glue": {"score": score}},
+        }
+        (run / "results.json").write_text(json.dumps(res))
+    cells = tables.build(tables.TABLES["gralora_hybrid_ratio"], [root]).cells
+    assert cells[("roberta_base", 16, "hybrid_gralora")]["hybrid=0%"].mean == pytest.approx(80.0)
+    assert cells[("roberta_base", 16, "hybrid_gralora")]["hybrid=50%"].mean == pytest.approx(82.0)
+    assert set(cells[("roberta_base", 16, "lora")]) == {"hybrid=100%"}
+
+
 def test_wandb_offline_upload(
     sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:

@@ -19,6 +19,8 @@ class Task:
     name: str = ""
     families: tuple[str, ...] = ("causal_lm",)
     reports_gap: bool = False  # True: log val/gap_closed = 1 − val_loss/val_loss_at_step0
+    # (metric, "maximize" | "minimize") a hyperparameter sweep optimises; conf/task/<name>.yaml `objective` matches
+    objective: tuple[str, str] = ("val/loss", "minimize")
     # names of the modules the task adds or re-initialises (a classification head): trained in full, kept in
     # adapter-only checkpoints and exported; matched as module-name suffixes, the outermost match wins
     head_modules: tuple[str, ...] = ()

@@ -92,6 +92,7 @@ class ClassificationTask(Task):
     MSE regression on a float `label` (Pearson, Spearman)."""
 
     name = "classification"
+    objective = ("val/acc", "maximize")  # regression (num_labels 1) logs no acc: see conf/task/classification.yaml
     families = ("seq_classification",)
     # the freshly initialised head of transformers' *ForSequenceClassification: BERT/RoBERTa/DeBERTa/ViT
     # `classifier`, LLaMA/Gemma/GPT `score`, T5/BART `classification_head`

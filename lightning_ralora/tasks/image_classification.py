@@ -67,6 +67,7 @@ class ImageClassificationTask(Task):
     reports top-1 accuracy (`acc`)."""
 
     name = "image_classification"
+    objective = ("val/acc", "maximize")
     families = ("image_classification", "clip_vision")
     head_modules = ("classifier",)  # ViTForImageClassification and CLIPForImageClassification
 

@@ -54,6 +54,7 @@ class PlantedTask(Task):
     """Planted-update distillation (`task=planted`); reports `gap_closed = 1 − loss/loss_at_step0`."""
 
     name = "planted"
+    objective = ("val/gap_closed", "maximize")
     families = ("causal_lm",)
     reports_gap = True
 

@@ -43,6 +43,7 @@ class SFTTask(Task):
     """`task=sft`: JSONL of {prompt, response} (or a hub dataset), next-token loss on the response."""
 
     name = "sft"
+    objective = ("val/loss", "minimize")
     families = ("causal_lm",)
 
     @classmethod
