@@ -378,6 +378,7 @@ def _tables() -> dict[str, TableSpec]:
             extract_image,
             (),
             ("lora", "ralora", "ralora_pro", "full"),
+            ("ralora_image_clip",),
             dynamic=Metric(""),
             derive=dynamic_average,
         ),
@@ -428,6 +429,7 @@ def _tables() -> dict[str, TableSpec]:
             extract_image,
             (*(Metric(d) for d in SDS_IMAGE), Metric("average", "Avg")),
             _SDS_METHODS,
+            ("sds_image_vit",),
             derive=average_over(SDS_IMAGE),
         ),
         TableSpec(

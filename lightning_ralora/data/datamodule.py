@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from typing import Any
 
 import lightning as L
@@ -28,6 +29,68 @@ class EpochShuffleSampler(Sampler[int]):
         return self.n
 
 
+class _SkipFirst:
+    """The index batches of `batches` after the first `n`; its length stays the full epoch's (Lightning counts
+    the batches already fetched before the checkpoint)."""
+
+    def __init__(self, batches: Any, n: int) -> None:
+        self.batches, self.n = batches, n
+
+    def __iter__(self) -> Iterator[Any]:
+        return islice(iter(self.batches), self.n, None)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose position in the epoch is checkpointed: Lightning saves `state_dict()` with the fit loop
+    and calls `load_state_dict()` on resume, and the next epoch pass skips the consumed batches (indices only,
+    nothing loaded) so a run interrupted mid-epoch sees the same batches as an uninterrupted one.
+
+    Same constructor as DataLoader (Lightning re-creates it with a DistributedSamplerWrapper under DDP; skipping
+    acts on this rank's batches, after sharding). The sampler's order must depend only on its epoch, as
+    EpochShuffleSampler's does."""
+
+    _consumed = 0  # batches of the current epoch pass handed out (skipped ones included)
+    _pending_skip = 0  # batches the next epoch pass skips (set by load_state_dict)
+    _skip_now = 0  # read by _index_sampler while the underlying iterator is being created
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self._consumed = self._pending_skip  # a new pass: only the batches it will skip count as handed out
+        return self._batches()
+
+    def _batches(self) -> Iterator[Any]:
+        # a generator: nothing (no worker, no sampler pass) starts before the first batch is requested, i.e.
+        # after Lightning's set_epoch; the pending skip is taken then, once
+        self._skip_now, self._pending_skip = self._pending_skip, 0
+        self._consumed = self._skip_now
+        try:
+            batches = super().__iter__()
+        finally:
+            self._skip_now = 0
+        for batch in batches:
+            self._consumed += 1
+            yield batch
+
+    @property
+    def _index_sampler(self) -> Any:
+        base = super()._index_sampler
+        return _SkipFirst(base, self._skip_now) if self._skip_now else base
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the current epoch pass stands: the sampler's epoch and the batches handed out so far."""
+        return {"epoch": int(getattr(self.sampler, "epoch", 0)), "batches": self._consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume inside the saved epoch: the next pass skips its consumed batches (none if it was finished)."""
+        batches = int(state["batches"])
+        self._pending_skip = batches if batches < len(self) else 0
+        set_epoch = getattr(self.sampler, "set_epoch", None)  # (Lightning sets it again before the first batch)
+        if self._pending_skip and callable(set_epoch):
+            set_epoch(int(state["epoch"]))
+
+
 class ListDataModule(L.LightningDataModule):
     """Train/val datasets already built (seeded fixtures, or tokenized HF datasets) plus a collate function."""
 
@@ -47,7 +110,7 @@ class ListDataModule(L.LightningDataModule):
         self.seed = seed
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        return ResumableDataLoader(
             self.train,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(self.train), self.seed) if self.shuffle else None,
