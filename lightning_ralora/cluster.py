@@ -25,7 +25,6 @@ import lightning as L
 REQUEUE_MARKER = "requeue.json"  # <run_dir>/requeue.json: written on the signal, removed when the resumed fit ends
 REQUEUE_CMD_ENV = "LIGHTNING_RALORA_REQUEUE_CMD"  # shell command; {job_id} is replaced by the SLURM job id
 DEFAULT_REQUEUE_CMD = "scontrol requeue {job_id}"
-_WANDB_ENV: dict[str, str | None] = {}  # W&B variables set for a resumed run, restored when its fit ends
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,7 +85,6 @@ class RequeueOnSignal(L.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous = {}
-        restore_wandb_env()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:  # the run got past its interruptions: a later job starts as configured
@@ -144,7 +142,7 @@ def slurm_plugins() -> list[Any]:
 # --------------------------------------------------------------------------------------------------------------
 def requeued_ckpt(run_dir: str | Path) -> str | None:
     """The checkpoint a requeued job resumes from (named by <run_dir>/requeue.json, if it exists), else None.
-    Also points W&B at the interrupted run (WANDB_RUN_ID, WANDB_RESUME=allow) until the fit ends."""
+    W&B continues the interrupted run through the run's stable id (identity.py), as for any resume."""
     marker = Path(run_dir) / REQUEUE_MARKER
     if not marker.exists():
         return None
@@ -152,23 +150,9 @@ def requeued_ckpt(run_dir: str | Path) -> str | None:
     ckpt = Path(info.get("ckpt_path") or Path(run_dir) / "checkpoints" / "last.ckpt")
     if not ckpt.exists():
         return None
-    if info.get("wandb_id") and "WANDB_RUN_ID" not in os.environ:
-        for key, value in (("WANDB_RUN_ID", info["wandb_id"]), ("WANDB_RESUME", "allow")):
-            _WANDB_ENV.setdefault(key, os.environ.get(key))
-            os.environ[key] = value
     restart = os.environ.get("SLURM_RESTART_COUNT", "0")
     print(f"requeue: resuming from {ckpt} (SLURM_RESTART_COUNT={restart})", file=sys.stderr, flush=True)
     return str(ckpt)
-
-
-def restore_wandb_env() -> None:
-    """Undo the W&B variables `requeued_ckpt` set (the next job of a multirun starts its own W&B run)."""
-    for key, value in _WANDB_ENV.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    _WANDB_ENV.clear()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -267,7 +251,6 @@ __all__ = [
     "requeue_enabled",
     "requeue_signals",
     "requeued_ckpt",
-    "restore_wandb_env",
     "slurm_job_id",
     "slurm_plugins",
     "task_objective",

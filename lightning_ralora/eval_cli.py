@@ -77,7 +77,7 @@ def saved_run_config(run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
         raise EvalInputError(f"run_dir={run_dir}: no results.json config and no checkpoint to read the config from")
     import torch
 
-    hp = torch.load(ckpt, map_location="cpu", weights_only=False).get("hyper_parameters", {})
+    hp = torch.load(ckpt, map_location="cpu", weights_only=True).get("hyper_parameters", {})
     keys = {"model": "model_cfg", "task": "task_cfg", "adapter": "adapter_cfg", "optim": "optim_cfg"}
     return {**{k: dict(hp.get(v) or {}) for k, v in keys.items()}, "seed": hp.get("seed", 0)}
 

@@ -6,6 +6,7 @@
 - `${gralora_k:${adapter.r}}`: GraLoRA's grid size by rank (paper recipe, docs/maths.md §5): 2 for r <= 32, 4 above.
 - `${image_dataset:cars,path}`: a field (path, split, num_labels, ...) of a named vision data set
   (evaluation/image.py IMAGE_DATASETS, the one table of hub copies the experiments and `eval=image` share).
+- `${run_identity:}`: `<variant>-<model>-<task>-<hash of the identity keys>` (identity.py; run dirs, W&B names).
 - `${rehearsal_data:${run_dir},gsm8k}`: a `debug=rehearsal` fixture file, written on first use (rehearsal.py).
 """
 
@@ -15,6 +16,7 @@ import math
 
 from omegaconf import OmegaConf
 
+from .identity import run_identity
 from .rehearsal import rehearsal_data
 
 
@@ -55,6 +57,7 @@ RESOLVERS = {
     "gralora_k": gralora_k,
     "image_dataset": image_dataset,
     "rehearsal_data": rehearsal_data,
+    "run_identity": run_identity,
 }
 
 

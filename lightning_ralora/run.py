@@ -10,14 +10,16 @@ import socket
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import hydra
 import lightning as L
 import torch
+from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .config import ConfigError
+from .secrets import redact
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 T = TypeVar("T")
@@ -37,11 +39,36 @@ def compose_config(overrides: Sequence[str] = (), run_dir: str | Path | None = N
     return cfg
 
 
-def run_names(cfg: DictConfig) -> dict[str, Any]:
-    """W&B grouping: group = variant-model-task, name = group-seed, tags include the seed."""
-    group = f"{cfg.adapter.name}-{cfg.model.name}-{cfg.task.name}"
-    tags = [f"seed:{cfg.seed}", cfg.adapter.name, cfg.model.name, cfg.task.name, *list(cfg.wandb.get("tags") or [])]
-    return {"group": group, "name": f"{group}-seed{cfg.seed}", "job_type": "train", "tags": tags}
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The run's identity (identity.py): hash, label `<variant>-<model>-<task>-<hash>`, the identity overrides and
+    keys; what results.json, the checkpoint and W&B carry."""
+    from .identity import identity_hash, identity_keys, identity_overrides
+
+    keys = identity_keys(cfg)
+    digest = identity_hash(keys)
+    label = f"{cfg.adapter.name}-{cfg.model.name}-{cfg.task.name}-{digest}"
+    return {"hash": digest, "label": label, "overrides": identity_overrides(cfg), "keys": keys}
+
+
+def run_names(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """W&B naming from the run identity: group = `<experiment>/<label>` (the seeds of one config), name =
+    `<label>-seed<N>`, id stable per (identity, seed) so a resumed run continues its W&B run; tags: seed, variant,
+    model, task, experiment, `id:<hash>` and the identity overrides."""
+    from .identity import wandb_id
+
+    identity = identity or run_identity(cfg)
+    label = identity["label"]
+    group = f"{cfg.get('experiment_name', 'default')}/{label}"
+    tags = [f"seed:{cfg.seed}", cfg.adapter.name, cfg.model.name, cfg.task.name, f"id:{identity['hash']}"]
+    tags += [str(cfg.get("experiment_name", "default")), *list(cfg.wandb.get("tags") or [])]
+    tags += [o[:64] for o in identity.get("overrides", [])]
+    return {
+        "group": group,
+        "name": f"{label}-seed{cfg.seed}",
+        "id": wandb_id(group, cfg.seed),
+        "job_type": "train",
+        "tags": list(dict.fromkeys(tags)),
+    }
 
 
 def wandb_mode(cfg: DictConfig) -> str:
@@ -51,9 +78,10 @@ def wandb_mode(cfg: DictConfig) -> str:
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
-def build_loggers(cfg: DictConfig) -> list:
-    """Instantiate every `logger.<name>` entry (`_target_` yamls in conf/logger/); the W&B logger gets its mode and
-    the run's group/name/tags/config here, and is left out with `wandb.mode=disabled`."""
+def build_loggers(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> list:
+    """Instantiate every `logger.<name>` entry (`_target_` yamls in conf/logger/); the W&B logger gets its mode,
+    the run's group/name/id/tags and the resolved config once (with the identity) here, `resume="allow"` (a
+    resumed run continues its W&B run), and is left out with `wandb.mode=disabled`."""
     loggers: list = []
     for node in (cfg.get("logger") or {}).values():
         if node is None or "_target_" not in node:
@@ -64,7 +92,10 @@ def build_loggers(cfg: DictConfig) -> list:
             if mode == "disabled":
                 continue
             os.environ.setdefault("WANDB_SILENT", "true")
-            extra = {"mode": mode, "config": OmegaConf.to_container(cfg, resolve=True), **run_names(cfg)}
+            config = redact(OmegaConf.to_container(cfg, resolve=True))
+            identity = identity or run_identity(cfg)
+            config["identity"] = {k: identity[k] for k in ("hash", "label", "overrides")}
+            extra = {"mode": mode, "config": config, "resume": "allow", **run_names(cfg, identity)}
         loggers.append(hydra.utils.instantiate(node, _partial_=True)(**extra))  # `config` is instantiate's own arg
     return loggers
 
@@ -194,8 +225,9 @@ def results_record(
         "wall_time_s": wall_time_s,
         **(fit_stats or peak_memory()),
         "host": socket.gethostname(),
+        "status": "completed",
         "wandb": run_names(cfg),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": redact(OmegaConf.to_container(cfg, resolve=True)),
     }
 
 
@@ -218,13 +250,149 @@ def summary(results: Mapping[str, Any], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def finish_wandb() -> None:
-    """Close the W&B run even on failure, so the next job of a multirun starts a fresh one."""
+def finish_wandb(exit_code: int = 0) -> None:
+    """Close the W&B run even on failure (exit code 1 marks it failed in W&B), so the next job of a multirun starts
+    a fresh one."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            wandb.finish(exit_code=exit_code)
+
+
+def log_run_files(trainer: L.Trainer, run_dir: Path, module) -> None:
+    """To W&B (when a W&B logger is active): results.json, gid.json, eval.json and gid_profile.json as one `run`
+    artifact, and the per-layer adapter structure as a table (every variant: kind, shape, rank, blocks)."""
+    runs = [lg.experiment for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+    if not runs:
+        return
+    import wandb
+
+    run = runs[0]
+    artifact = wandb.Artifact(f"run-{run.id}", type="run")
+    for name in ("results.json", "gid.json", "eval.json", "gid_profile.json"):
+        if (run_dir / name).is_file():
+            artifact.add_file(str(run_dir / name))
+    run.log_artifact(artifact)
+    layers = module.structure().get("layers") or {}
+    columns = sorted({k for spec in layers.values() for k in spec if not isinstance(spec[k], (dict, list))})
+    rows = [[name, *(spec.get(c) for c in columns)] for name, spec in layers.items()]
+    if rows:
+        run.log({"structure": wandb.Table(columns=["module", *columns], data=rows)})
+
+
+class RunIdentity(L.Callback):
+    """Writes the run identity into every checkpoint (key `run_identity`), so a resume can check it (identity.py)."""
+
+    def __init__(self, identity: Mapping[str, Any]) -> None:
+        self.identity = {"hash": identity["hash"], "label": identity["label"], "keys": dict(identity["keys"])}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        from .identity import IDENTITY_KEY
+
+        checkpoint[IDENTITY_KEY] = self.identity
+
+
+def check_resume_identity(cfg: DictConfig, ckpt: str | None) -> dict[str, Any]:
+    """The run identity; when resuming, a ConfigError naming each identity key that differs from the checkpoint's
+    (unless listed in `resume.allow_changes`)."""
+    from .identity import checkpoint_identity, identity_changes
+
+    identity = run_identity(cfg)
+    if not ckpt:
+        return identity
+    stored = checkpoint_identity(ckpt)
+    if stored is None:
+        print(f"resume: {ckpt} carries no run identity (older checkpoint): not checked", file=sys.stderr)
+        return identity
+    allow = [str(k) for k in (OmegaConf.select(cfg, "resume.allow_changes", default=None) or [])]
+    changes = identity_changes(stored.get("keys") or {}, identity["keys"], allow)
+    if changes:
+        raise ConfigError(
+            [f"ckpt_path={ckpt} was trained under another config: {c} (keep the checkpoint's value, or allow the "
+             f"change with resume.allow_changes=[{c.split(':', 1)[0]}])" for c in changes]
+        )  # fmt: skip
+    return identity
+
+
+def failure_record(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
+    """results.json of a run that did not complete (`status` failed or diverged, the error and the end of its
+    traceback), written to the run dir by rank 0 so tables and sweep summaries see it."""
+    import traceback
+
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    from .callbacks.divergence import Diverged
+
+    try:
+        config: Any = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # a config that does not even resolve: keep it as written
+        config = OmegaConf.to_container(cfg, resolve=False)
+    diverged = isinstance(err, Diverged)
+    record: dict[str, Any] = {
+        "status": "diverged" if diverged else "failed",
+        "error": f"{type(err).__name__}: {err}",
+        "traceback": "".join(traceback.format_exception(err))[-4000:],
+        "variant": OmegaConf.select(cfg, "adapter.name", default=None),
+        "model": OmegaConf.select(cfg, "model.name", default=None),
+        "task": OmegaConf.select(cfg, "task.name", default=None),
+        "seed": OmegaConf.select(cfg, "seed", default=None),
+        "host": socket.gethostname(),
+        "config": config,
+    }
+    if diverged:
+        record["diverged_at_step"] = err.step
+    try:
+        record["identity"] = run_identity(cfg)
+        record["wandb"] = run_names(cfg, record["identity"])
+    except Exception:
+        pass
+    record = redact(record)
+    run_dir = OmegaConf.select(cfg, "run_dir", default=None, throw_on_resolution_failure=False)
+    if run_dir and rank_zero_only.rank == 0:
+        from .io import write_json_atomic
+
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(run_dir) / "results.json", record)
+    return record
+
+
+class SweepSummary(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): after a multirun, one line per job of this sweep (its status and
+    run dir, the error of a failed one); `failed` tells `main` to exit 1."""
+
+    failed: int = 0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import time
+
+        self.start = time.time()
+        SweepSummary.failed = 0
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        start = getattr(self, "start", 0.0)
+        lines, failed = [], 0
+        for path in sorted(sweep_dir.rglob("results.json")):
+            if path.stat().st_mtime < start:
+                continue  # a job of an earlier sweep into the same directory
+            try:
+                record = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                record = {"status": "unreadable"}
+            status = record.get("status", "completed")
+            failed += status != "completed"
+            error = f"  {record.get('error', '')}".splitlines()[0][:160] if status != "completed" else ""
+            lines.append(f"  {status:<10} {path.parent}{error}")
+        SweepSummary.failed = failed
+        print(f"sweep {sweep_dir}: {len(lines) - failed} completed, {failed} not", file=sys.stderr, flush=True)
+        print("\n".join(lines), file=sys.stderr, flush=True)
+
+
+def config_error_exit(prog: str, err: ConfigError) -> NoReturn:
+    """One message on stderr and exit code 2 (no traceback)."""
+    print(f"{prog}: {err}", file=sys.stderr)
+    sys.exit(2)
 
 
 def exit_on_config_error(prog: str, fn: Callable[[DictConfig], T], cfg: DictConfig) -> T:
@@ -232,5 +400,4 @@ def exit_on_config_error(prog: str, fn: Callable[[DictConfig], T], cfg: DictConf
     try:
         return fn(cfg)
     except ConfigError as err:
-        print(f"{prog}: {err}", file=sys.stderr)
-        sys.exit(2)
+        config_error_exit(prog, err)

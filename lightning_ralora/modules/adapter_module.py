@@ -16,6 +16,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from ..adapters import LayerSpec, adapter_layers, find_modules, find_targets, inject, merge_all
 from ..plan import AdapterPlan, uniform_plan
+from ..secrets import redact
 from ..tasks import TASKS
 from .backbone import load_backbone
 
@@ -77,7 +78,7 @@ def optimizer_groups(model: nn.Module, lr: float, lr_ratio_B: float = 1.0) -> li
 
 def read_plan(ckpt_path: str | Path) -> AdapterPlan | None:
     """The adapter plan stored in a Lightning checkpoint (None if it has none)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     return AdapterPlan.from_dict(ckpt[PLAN_KEY]) if ckpt.get(PLAN_KEY) else None
 
 
@@ -117,7 +118,9 @@ class AdapterModule(L.LightningModule):
         plan: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["run_dir", "plan"])
+        hparams = {"model_cfg": model_cfg, "task_cfg": task_cfg, "adapter_cfg": adapter_cfg, "optim_cfg": optim_cfg}
+        # in every checkpoint (secrets redacted); not to the loggers: W&B gets the resolved config once (run.py)
+        self.save_hyperparameters(redact({**hparams, "seed": seed}), logger=False)
         self.model_cfg, self.adapter_cfg, self.optim_cfg = dict(model_cfg), dict(adapter_cfg), dict(optim_cfg)
         self.run_dir = Path(run_dir) if run_dir else None
         self.task = TASKS[task_cfg["name"]](task_cfg, model_cfg, seed)
@@ -321,7 +324,7 @@ class AdapterModule(L.LightningModule):
     def from_checkpoint(cls, ckpt_path: str | Path, **kwargs: Any) -> AdapterModule:
         """Rebuild the module with the adapter structure stored in the checkpoint, then load its weights."""
         plan = read_plan(ckpt_path)
-        return cls.load_from_checkpoint(ckpt_path, plan=plan.to_dict() if plan else None, **kwargs)
+        return cls.load_from_checkpoint(ckpt_path, plan=plan.to_dict() if plan else None, weights_only=True, **kwargs)
 
     def merged_backbone(self) -> nn.Module:
         """A plain transformers model with every adapter folded into its weights."""

@@ -47,10 +47,17 @@ def load_config(model_cfg: Mapping[str, Any], extra: Mapping[str, Any] | None = 
 
     extra = dict(extra or {})
     if model_cfg.get("pretrained"):
-        return AutoConfig.from_pretrained(model_cfg["pretrained"], **extra)
+        return AutoConfig.from_pretrained(
+            model_cfg["pretrained"], trust_remote_code=trust_remote_code(model_cfg), **extra
+        )
     cfg = dict(model_cfg["config"])
     model_type = cfg.pop("model_type")
     return AutoConfig.for_model(model_type, **cfg, **extra)
+
+
+def trust_remote_code(model_cfg: Mapping[str, Any]) -> bool:
+    """Run a hub repo's own Python code only on an explicit `model.trust_remote_code=true` (off by default)."""
+    return model_cfg.get("trust_remote_code") is True
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:
@@ -77,7 +84,11 @@ def load_backbone(
             return auto.from_config(config), []
     if model_cfg.get("pretrained"):
         model, info = auto.from_pretrained(
-            model_cfg["pretrained"], config=config, dtype=dtype, output_loading_info=True
+            model_cfg["pretrained"],
+            config=config,
+            dtype=dtype,
+            output_loading_info=True,
+            trust_remote_code=trust_remote_code(model_cfg),
         )
         missing = sorted({key.rpartition(".")[0] for key in info.get("missing_keys", ())})
         return model, missing

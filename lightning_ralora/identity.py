@@ -1,0 +1,147 @@
+"""Run identity: what makes two runs the same experiment, so they share nothing unless their results would match.
+
+A run's identity is its composed config after the experiment's `methods:` entry is applied, without the keys that
+do not change the result (where it runs and logs: `NON_IDENTITY`) and without the seed (runs of one identity are the
+seeds of one table cell). Its short hash names the run directory
+(`<experiment>/<variant>-<model>-<task>-<hash>/seed<N>`), the W&B group and name, and with the seed the W&B id, so
+the same config always lands in the same place (a requeued job finds its checkpoint) and any change moves it. A
+checkpoint stores the identity; resuming it under a different one is refused, naming the keys that differ, unless
+`resume.allow_changes` lists them (e.g. a longer `trainer.max_steps`: a new identity, so a new run directory and W&B
+run, started from the old run's checkpoint given as `ckpt_path=<path>`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+IDENTITY_KEY = "run_identity"  # the checkpoint's entry: {"hash": ..., "keys": {dotted key: value}}
+
+# dotted prefixes that do not change what a run computes: placement, logging, paths, resume plumbing
+NON_IDENTITY: tuple[str, ...] = (
+    "seed",
+    "run_dir",
+    "overrides",
+    "ckpt_path",
+    "resume",
+    "hydra",
+    "wandb",
+    "logger",
+    "paths",
+    "export",
+    "not_reproduced",
+    "methods",  # applied first: its effect is in the adapter/optim keys, other methods' rows do not matter
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.strategy",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "callbacks.checkpoint",
+    "callbacks.lr_monitor",
+    "callbacks.alignment",
+    "callbacks.divergence",
+    "eval.judge",
+    "eval.batch_size",
+    "eval.allow_code_execution",
+    "eval.num_workers",
+)
+
+
+def command_line(root: DictConfig) -> list[str]:
+    """The command-line overrides: Hydra's `hydra.overrides.task` when the config carries the Hydra node, else the
+    `overrides` key (Hydra's task overrides inside a run, compose_config's list outside)."""
+    for key in ("hydra.overrides.task", "overrides"):
+        value = OmegaConf.select(root, key, default=None, throw_on_resolution_failure=False)
+        if value is not None and not isinstance(value, str):
+            return [str(o) for o in value]
+    return []
+
+
+def _flatten(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, leaf value) pairs of a nested plain container; lists are leaves."""
+    if isinstance(node, Mapping) and node:
+        for key, value in node.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], node
+
+
+def _excluded(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def identity_keys(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """{dotted key: value} of everything that defines the run's result (unresolved interpolations stay as text, so
+    nothing is resolved that depends on the run directory)."""
+    from .methods import apply_method_settings
+
+    root = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    plain = OmegaConf.to_container(root, resolve=False)
+    try:  # the methods entry of the adapter; a config error here is reported by the run itself, in its directory
+        body = OmegaConf.create({k: v for k, v in plain.items() if k != "hydra"})
+        plain = OmegaConf.to_container(apply_method_settings(body, command_line(root)), resolve=False)
+    except Exception:
+        pass
+    return {k: v for k, v in sorted(_flatten(plain)) if k and not _excluded(k, NON_IDENTITY)}
+
+
+def identity_hash(keys: Mapping[str, Any]) -> str:
+    """8 hex digits of the SHA-256 of the identity keys (canonical JSON)."""
+    text = json.dumps(dict(keys), sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_label(cfg: DictConfig | Mapping[str, Any]) -> str:
+    """`<variant>-<model>-<task>-<hash>`: the readable part of a run's directory, W&B group and name."""
+    root = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    names = [OmegaConf.select(root, f"{g}.name", default="?") for g in ("adapter", "model", "task")]
+    return "-".join([*map(str, names), identity_hash(identity_keys(root))])
+
+
+def identity_overrides(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
+    """The command-line overrides that are part of the identity (readable W&B tags / config), seed excluded."""
+    root = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
+    return [o for o in command_line(root) if not _excluded(o.split("=", 1)[0].lstrip("+~"), NON_IDENTITY)]
+
+
+def run_identity(*, _root_: DictConfig) -> str:
+    """OmegaConf resolver `${run_identity:}` (conf/hydra/default.yaml): the run label of the config being composed."""
+    return run_label(_root_)
+
+
+def wandb_id(label: str, seed: Any) -> str:
+    """A stable W&B run id for (identity, seed): a resumed or requeued run continues the same W&B run."""
+    return hashlib.sha256(f"{label}/seed{seed}".encode()).hexdigest()[:16]
+
+
+def checkpoint_identity(ckpt_path: str | Path) -> dict[str, Any] | None:
+    """The identity a Lightning checkpoint was written under (None for checkpoints from before identities)."""
+    import torch
+
+    path = Path(ckpt_path)
+    if path.is_dir():  # a distributed (sharded) checkpoint: its metadata lives beside the shards
+        meta = path / "meta.pt"
+        if not meta.is_file():
+            return None
+        path = meta
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return ckpt.get(IDENTITY_KEY) if isinstance(ckpt, Mapping) else None
+
+
+def identity_changes(stored: Mapping[str, Any], current: Mapping[str, Any], allow: Sequence[str] = ()) -> list[str]:
+    """`key: old -> new` for every identity key that differs between a checkpoint and this run (allowed keys and
+    the keys below them skipped)."""
+    changes = []
+    for key in sorted(set(stored) | set(current)):
+        if _excluded(key, list(allow)):
+            continue
+        old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
+        if old != new:
+            changes.append(f"{key}: {old!r} -> {new!r}")
+    return changes
