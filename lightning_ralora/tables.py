@@ -306,6 +306,42 @@ def extract_planted(run: Run) -> dict[str, float]:
     return _collect([("gap_closed", None if gap is None else 100.0 * gap), ("kl", kl)])
 
 
+def extract_claims(run: Run) -> dict[str, float]:
+    """Per planted profile, the mean over its targets of the layer-local gap closed (`gap:<profile>`) and of the
+    ceiling of the run's structure (`ceiling:<profile>`), both in percent (results.json task_summary.planted)."""
+    by: dict[str, dict[str, list[float]]] = {}
+    for rec in (_get(run.results, "task_summary", "planted") or {}).values():
+        if not isinstance(rec, Mapping) or "profile" not in rec:
+            continue
+        for key in ("gap_closed", "ceiling"):
+            v = _num(rec.get(key))
+            if v is not None:
+                by.setdefault(str(rec["profile"]), {}).setdefault(key, []).append(100.0 * v)
+    out = {}
+    for profile, vals in by.items():
+        for key, name in (("gap_closed", "gap"), ("ceiling", "ceiling")):
+            if vals.get(key):
+                out[f"{name}:{profile}"] = statistics.mean(vals[key])
+    return out
+
+
+def derive_claims(cells: Cells) -> None:
+    """`verdict:<profile>` per method ≠ lora of a (model, rank) block: +1 when its gap closed beats LoRA's by more
+    than 3 std of the difference (√(std²+std_lora²)), −1 when it trails by as much, 0 within that noise."""
+    for (model, rank, method), row in list(cells.items()):
+        base = cells.get((model, rank, "lora"))
+        if method == "lora" or base is None:
+            continue
+        for metric, cell in list(row.items()):
+            if not metric.startswith("gap:") or metric not in base:
+                continue
+            ref = base[metric]
+            noise = 3.0 * math.sqrt((cell.std or 0.0) ** 2 + (ref.std or 0.0) ** 2)
+            margin = cell.mean - ref.mean
+            verdict = 1.0 if margin > noise else (-1.0 if margin < -noise else 0.0)
+            row[f"verdict:{metric[4:]}"] = Cell(verdict, None, min(cell.n, ref.n))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # derived cells
 # ------------------------------------------------------------------------------------------------------------------
@@ -479,6 +515,20 @@ def _tables() -> dict[str, TableSpec]:
             (Metric("gap_closed", "gap closed %"), Metric("kl", "final KL", False, 4)),
             ("lora", "rslora", "ralora", "ralora_pro", "ls_lora", "gralora", "hybrid_gralora", "sds_lora", "dora"),
             ("planted_compare",),
+        ),
+        TableSpec(
+            "claims",
+            "Claims test bed: planted profiles, layer-local loss (tiny model, CPU)",
+            "task_summary.planted per target, averaged over the targets of each profile: gap:<profile> = layer-local "
+            "gap closed (percent), ceiling:<profile> = the best share the run's structure can represent on the "
+            "validation inputs (percent); verdict:<profile> = +1 the method beats LoRA beyond 3 std (the claim "
+            "holds), −1 LoRA wins beyond 3 std (does not hold), 0 within noise. The claims: RaLoRA on block (and its "
+            "controls decay, low), GraLoRA on outlier, SDS-LoRA on skewed; flat is open",
+            extract_claims,
+            methods=("lora", "ralora", "gralora", "sds_lora"),
+            experiments=("claims",),
+            dynamic=Metric("", percent=False, decimals=1),
+            derive=derive_claims,
         ),
     ]
     return {s.id: s for s in specs}

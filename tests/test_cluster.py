@@ -95,7 +95,7 @@ def test_submitit_local_runs_a_two_job_sweep(tmp_path: Path) -> None:
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    results = sorted((tmp_path / "sweep").glob("*/results.json"))
+    results = sorted((tmp_path / "sweep").rglob("results.json"))
     assert len(results) == 2, out.stderr[-3000:]
     assert sorted(json.loads(p.read_text())["seed"] for p in results) == [0, 1]
     assert list((tmp_path / "sweep" / ".submitit").iterdir())  # really went through submitit
@@ -235,7 +235,7 @@ def test_optuna_two_trials_return_the_objective(tmp_path: Path) -> None:
         f"hydra.sweep.dir={tmp_path / 'sweep'}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/results.json"))]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").rglob("results.json"))]
     assert len(results) == 2
     best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
     values = [r["final_metrics"]["val/gap_closed"] for r in results]

@@ -134,7 +134,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, ca
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == crash_at
     assert 0 < ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["ready"] < 5  # mid-epoch
-    resumed = _run(tmp_path / "resumed", [*common, "ckpt_path=last"])
+    # the crash callback was part of the interrupted run's config (its identity): the resume drops it on purpose
+    resumed = _run(tmp_path / "resumed", [*common, "ckpt_path=last", "resume.allow_changes=[callbacks.crash]"])
 
     untimed = [
         {k: v for k, v in r["plan"]["meta"].items() if k != "gid_seconds"} if r["plan"] else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_ralora.run import CONF_DIR, build_loggers, compose_config, trainer_kwargs
+from lightning_ralora.run import CONF_DIR, build_loggers, compose_config, run_identity, trainer_kwargs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,11 +200,11 @@ def test_run_and_sweep_directories() -> None:
         full = compose(
             "config", overrides=["experiment=planted_compare", "adapter=ralora", "seed=2"], return_hydra_config=True
         )
-    assert os.path.normpath(full.hydra.run.dir) == "outputs/planted_compare/ralora-tiny_llama-planted/seed2"
+    label = run_identity(cfg)["label"]  # <variant>-<model>-<task>-<hash of the identity keys>
+    assert re.fullmatch(r"ralora-tiny_llama-planted-[0-9a-f]{8}", label)
+    assert os.path.normpath(full.hydra.run.dir) == f"outputs/planted_compare/{label}/seed2"
     assert os.path.normpath(full.hydra.sweep.dir) == "multirun/planted_compare"
-    assert OmegaConf.to_container(full.hydra.sweep)["subdir"] == (
-        "${hydra:job.num}_${adapter.name}-${model.name}-${task.name}-seed${seed}"
-    )
+    assert full.hydra.sweep.subdir == f"{label}/seed2"
     assert full.hydra.job.chdir is False and cfg.run_dir == "x"
 
 
@@ -249,8 +250,9 @@ def test_loggers_from_target_yamls(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     loggers = build_loggers(compose_config(["seed=3"], run_dir=tmp_path))
     assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]
     init = loggers[1]._wandb_init
-    assert init["mode"] == "offline" and init["group"] == "lora-tiny_llama-planted"
-    assert init["name"] == "lora-tiny_llama-planted-seed3" and "seed:3" in init["tags"]
+    label = run_identity(compose_config(["seed=3"], run_dir=tmp_path))["label"]
+    assert init["mode"] == "offline" and init["group"] == f"default/{label}" and init["resume"] == "allow"
+    assert init["name"] == f"{label}-seed3" and "seed:3" in init["tags"] and len(init["id"]) == 16
     assert init["config"]["seed"] == 3 and isinstance(init["config"], dict)
     assert loggers[0].save_dir == str(tmp_path)
     only_csv = build_loggers(compose_config(["wandb.mode=disabled"], run_dir=tmp_path))

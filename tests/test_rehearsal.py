@@ -25,6 +25,7 @@ SEEDS = (0, 1)
 
 # experiment -> (the method rehearsed, {table id: the metric ids the experiment fills in that table})
 PLAN: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
+    "claims": ("ralora", {"claims": ("gap:block",)}),
     "gralora_code_llama": ("gralora", {"gralora_code": ("pass@1",)}),
     "gralora_hybrid_ratio": ("hybrid_gralora", {"gralora_hybrid_ratio": ("hybrid=50%",)}),
     "gralora_k_sweep": ("gralora", {"gralora_k_sweep": ("k=4",)}),

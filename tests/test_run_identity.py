@@ -126,3 +126,19 @@ def test_multirun_with_a_bad_job_records_it_and_goes_on(tmp_path: Path) -> None:
     assert sweep().returncode == 1
     again = {p.parent for p in (tmp_path / "multirun").rglob("results.json")}
     assert again == set(records)  # the same three places, nothing new
+
+
+def test_wandb_gets_config_once_artifacts_and_structure_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline W&B: the resolved config with the identity (no per-part `*_cfg` duplicates from the module's
+    hyperparameters), results.json as an artifact, and the per-layer structure table."""
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    run = tmp_path / "run"
+    results = train(make_cfg(run, ["wandb.mode=offline", "logger=wandb"]))
+    log = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()  # W&B's transaction log
+    assert b"identity" in log and results["identity"]["hash"].encode() in log
+    assert b"model_cfg" not in log and b"adapter_cfg" not in log
+    assert f"run-{results['wandb']['id']}".encode() in log and b"results.json" in log  # the run artifact
+    table = json.loads(next((run / "wandb").glob("offline-run-*/files/media/table/structure_*.table.json")).read_text())
+    modules = [row[0] for row in table["data"]]
+    assert table["columns"][0] == "module" and sorted(modules) == sorted(results["structure"]["layers"])

@@ -27,7 +27,7 @@ def _entropy_rank(sigma: list[float]) -> float:
 
 
 def test_planted_teacher_is_base_plus_known_updates(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path)
+    cfg = make_cfg(tmp_path, ["task.profiles=[low,high,block]", "task.blocks=4", "task.rank=2"])  # 4 rank-1 blocks
     module = AdapterModule(cfg.model, cfg.task, cfg.adapter, cfg.optim)
     teacher, planted = module.task.teacher, module.task.planted
     assert set(planted) == set(module.targets)
@@ -73,8 +73,11 @@ def test_sft_labels_cover_only_the_response() -> None:
     item = encode_pair(tok, "2+3=", "5", max_length=64)
     assert item["input_ids"].tolist() == tok("2+3=5", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert item["labels"].tolist() == [IGNORE] * 4 + item["input_ids"].tolist()[4:]
-    short = encode_pair(tok, "2+3=", "5", max_length=3)
-    assert short["labels"].tolist() == [IGNORE] * 3
+    short = encode_pair(tok, "2+3=", "5", max_length=3)  # too long: the prompt's start goes, a label stays
+    assert short["input_ids"].tolist() == tok("3=5", add_special_tokens=False)["input_ids"]
+    assert short["labels"].tolist() == [IGNORE, IGNORE, short["input_ids"][-1].item()]
+    long_prompt = encode_pair(tok, "x" * 200, "answer", max_length=16)
+    assert len(long_prompt["input_ids"]) == 16 and (long_prompt["labels"] != IGNORE).sum() == 7  # 6 bytes + eos
 
 
 def test_sft_batches_pad_right_with_masked_labels() -> None:

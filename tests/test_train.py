@@ -37,12 +37,20 @@ def test_default_job_closes_the_gap(tmp_path: Path) -> None:
         layer["in_features"] + layer["out_features"] for layer in results["structure"]["layers"].values()
     )
     assert (tmp_path / "wandb").is_dir()  # W&B on by default, offline without credentials
-    assert results["wandb"] == {
-        "group": "lora-tiny_llama-planted",
-        "name": "lora-tiny_llama-planted-seed0",
+    label = results["identity"]["label"]
+    assert label == f"lora-tiny_llama-planted-{results['identity']['hash']}" and results["status"] == "completed"
+    assert {k: results["wandb"][k] for k in ("group", "name", "job_type")} == {
+        "group": f"default/{label}",
+        "name": f"{label}-seed0",
         "job_type": "train",
-        "tags": ["seed:0", "lora", "tiny_llama", "planted"],
     }
+    assert results["wandb"]["tags"][:5] == [
+        "seed:0",
+        "lora",
+        "tiny_llama",
+        "planted",
+        f"id:{results['identity']['hash']}",
+    ]
     assert list(tmp_path.glob("csv/version_*/metrics.csv"))
 
 
@@ -153,7 +161,7 @@ def test_multirun_sweeps_single_process_jobs(tmp_path: Path) -> None:
     sweep = ["adapter=lora,rslora", "seed=0,1", "trainer.max_steps=4", "trainer.val_check_interval=4"]
     res = run_cli(tmp_path, "-m", f"hydra.sweep.dir={tmp_path}", *sweep, "task.train_size=32", "task.val_size=8")
     assert res.returncode == 0, res.stderr[-3000:]
-    runs = sorted(tmp_path.glob("*/results.json"))
+    runs = sorted(tmp_path.rglob("results.json"))  # <label>/seed<N>/results.json
     seen = {(json.loads(p.read_text())["variant"], json.loads(p.read_text())["seed"]) for p in runs}
     assert seen == {("lora", 0), ("lora", 1), ("rslora", 0), ("rslora", 1)}
 

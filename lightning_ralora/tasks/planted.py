@@ -1,14 +1,15 @@
-"""The embedded default task: distil a teacher = base model + planted low-rank updates ΔW* on the targets.
+"""The embedded default task: distil a teacher = base model + planted updates ΔW* on the targets.
 
-Each target gets a planted update with a chosen singular spectrum (low effective rank, high effective rank,
-or block-local), so the true per-layer structure is known and GID estimates can be checked against it.
-Inputs are seeded random token sequences; the loss is KL(teacher ‖ student) on next-token distributions.
+Each target gets a planted update of a profile with a known best structure (tasks/planted_profiles.py), so the
+true per-layer structure is known and GID estimates and adapter structures can be checked against it. Inputs are
+seeded random token sequences. `task.loss`: `kl` (default) is KL(teacher ‖ student) on next-token distributions;
+`layer` is layer-local: Σ over targets of the MSE between the student layer and the teacher layer on the teacher's
+input to that layer, so each layer's gradient depends on its own ΔW* only.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,32 +23,17 @@ from ..adapters.schema import is_int, pos_number
 from ..data.datamodule import ListDataModule
 from ..rank.spectra import effective_rank
 from .base import Task
+from .planted_profiles import (
+    PROFILES,
+    ceiling,
+    ceiling_panel,
+    input_scale,
+    outlier_channels,
+    planted_update,
+    structure_of,
+)
 
-PROFILES = ("low", "high", "block")
-
-
-def planted_update(out_f: int, in_f: int, profile: str, gen: torch.Generator, n_blocks: int = 4) -> torch.Tensor:
-    """A unit-Frobenius-norm ΔW* with the named spectrum: `low` rank 2, `high` a slow decay over
-    min(m, n)/2 directions, `block` block-diagonal with one rank-1 block per diagonal block."""
-    k = min(out_f, in_f)
-    if profile == "block":
-        nb = math.gcd(math.gcd(out_f, in_f), n_blocks)
-        w = torch.zeros(out_f, in_f)
-        bo, bi = out_f // nb, in_f // nb
-        for i in range(nb):
-            u, v = torch.randn(bo, 1, generator=gen), torch.randn(1, bi, generator=gen)
-            w[i * bo : (i + 1) * bo, i * bi : (i + 1) * bi] = u @ v / (u.norm() * v.norm())
-        return w / w.norm()
-    if profile == "low":
-        sigma = torch.tensor([1.0, 0.5])
-    elif profile == "high":
-        sigma = 1.0 / torch.arange(1, k // 2 + 1, dtype=torch.float32).sqrt()
-    else:
-        raise ValueError(f"task.profiles entries must be in {list(PROFILES)}, got {profile!r}")
-    u, _ = torch.linalg.qr(torch.randn(out_f, len(sigma), generator=gen))
-    v, _ = torch.linalg.qr(torch.randn(in_f, len(sigma), generator=gen))
-    w = u @ torch.diag(sigma) @ v.T
-    return w / w.norm()
+LOSSES = ("kl", "layer")
 
 
 class PlantedTask(Task):
@@ -64,15 +50,33 @@ class PlantedTask(Task):
         bad = [p for p in cfg.get("profiles", []) if p not in PROFILES]
         if bad or not cfg.get("profiles"):
             problems.append(f"task.profiles must be a non-empty list of {list(PROFILES)}, got {cfg.get('profiles')!r}")
+        if cfg.get("loss", "kl") not in LOSSES:
+            problems.append(f"task.loss must be one of {list(LOSSES)}, got {cfg.get('loss')!r}")
+        if isinstance(cfg.get("objective"), str):
+            problems.append(
+                f"task.objective is the sweep objective {{metric, direction}}, got {cfg['objective']!r}: "
+                f"the planted loss is task.loss={'|'.join(LOSSES)}"
+            )
         for key in ("seq_len", "train_size", "val_size"):
             if not (is_int(cfg.get(key)) and cfg[key] >= 2):
                 problems.append(f"task.{key} must be an integer >= 2, got {cfg.get(key)!r}")
-        return problems + pos_number(cfg.get("strength"), "task.strength")
+        for key in ("rank", "blocks"):
+            if not (is_int(cfg.get(key, 8)) and cfg.get(key, 8) >= 1):
+                problems.append(f"task.{key} must be an integer >= 1, got {cfg.get(key)!r}")
+        return (
+            problems
+            + pos_number(cfg.get("strength"), "task.strength")
+            + pos_number(cfg.get("outlier_scale", 1.0), "task.outlier_scale")
+        )
 
     def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], seed: int = 0) -> None:
         super().__init__(cfg, model_cfg, seed)
         self.teacher: nn.Module | None = None
+        self.student: nn.Module | None = None  # the backbone given to prepare (adapted in place later)
         self.planted: dict[str, dict[str, Any]] = {}
+        self.deltas: dict[str, torch.Tensor] = {}  # the effective ΔW*·D per target (fp32, CPU): ceilings
+        self.scales: dict[str, torch.Tensor] = {}  # input channel scale D of the outlier targets (layer loss)
+        self.loss_kind = str(self.cfg.get("loss", "kl"))
 
     def prepare(self, backbone: nn.Module) -> None:
         """Build the teacher: a frozen copy of the backbone with ΔW* added to every target weight."""
@@ -82,20 +86,24 @@ class PlantedTask(Task):
         for p in teacher.parameters():
             p.requires_grad_(False)
         profiles = list(self.cfg["profiles"])
+        r, n_blocks = int(self.cfg.get("rank", 8)), int(self.cfg.get("blocks", 8))
         for i, name in enumerate(targets):
             lin = teacher.get_submodule(name)
             profile = profiles[i % len(profiles)]
-            delta = planted_update(lin.out_features, lin.in_features, profile, gen)
+            delta = planted_update(lin.out_features, lin.in_features, profile, gen, rank=r, n_blocks=n_blocks)
             delta = delta * float(self.cfg["strength"]) * lin.weight.detach().float().norm()
             with torch.no_grad():
                 lin.weight.add_(delta.to(lin.weight.dtype))
             sigma = torch.linalg.svdvals(delta)
-            self.planted[name] = {
-                "profile": profile,
-                "erank": float(effective_rank(sigma)),
-                "norm": float(delta.norm()),
-            }
-        self.teacher = teacher
+            erank = float(effective_rank(sigma))
+            self.planted[name] = {"profile": profile, "erank": erank, "norm": float(delta.norm())}
+            if profile == "outlier":
+                channels = outlier_channels(lin.in_features, gen)
+                self.scales[name] = input_scale(lin.in_features, channels, float(self.cfg.get("outlier_scale", 10.0)))
+                self.planted[name]["outlier_channels"] = channels
+                delta = delta * self.scales[name]  # the update the layer-local loss sees on unit-scale inputs
+            self.deltas[name] = delta
+        self.teacher, self.student = teacher, backbone
 
     def _sequences(self, n: int, offset: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(self.cfg.get("data_seed", 0) + offset)
@@ -107,12 +115,18 @@ class PlantedTask(Task):
         val = self._sequences(self.cfg["val_size"], 10_000)
         return ListDataModule(list(train), list(val), self.cfg["batch_size"], collate_fn=torch.stack, seed=self.seed)
 
-    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    def _teacher_on(self, batch: torch.Tensor) -> nn.Module:
         assert self.teacher is not None, "PlantedTask.prepare() must run before loss()"
         if next(self.teacher.parameters()).device != batch.device:
             self.teacher.to(batch.device)
+        return self.teacher
+
+    def loss(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        if self.loss_kind == "layer":
+            return sum(self.layer_losses(model, batch).values())
+        teacher = self._teacher_on(batch)
         with torch.no_grad():
-            t_logits = self.teacher(input_ids=batch).logits.float()
+            t_logits = teacher(input_ids=batch).logits.float()
         s_logits = model(input_ids=batch).logits.float()
         vocab = s_logits.shape[-1]
         return F.kl_div(
@@ -122,5 +136,94 @@ class PlantedTask(Task):
             reduction="batchmean",
         )
 
+    @torch.no_grad()
+    def teacher_inputs(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{target: the teacher's input to that layer on `batch`}, times D on the outlier targets."""
+        teacher = self._teacher_on(batch)
+        inputs: dict[str, torch.Tensor] = {}
+
+        def keep(name: str):
+            def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+                inputs[name] = args[0]
+
+            return hook
+
+        handles = [teacher.get_submodule(n).register_forward_pre_hook(keep(n)) for n in self.planted]
+        try:
+            teacher(input_ids=batch)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: x * self.scales[n].to(x.device, x.dtype) if n in self.scales else x for n, x in inputs.items()}
+
+    def layer_losses(self, model: nn.Module, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{target: MSE(student layer(x), teacher layer(x))} on the teacher's inputs x (`teacher_inputs`): the
+        student layers run on the teacher's inputs, so no gradient crosses layers."""
+        root = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the backbone
+        out = {}
+        for name, x in self.teacher_inputs(batch).items():
+            with torch.no_grad():
+                y_t = self.teacher.get_submodule(name)(x).float()
+            out[name] = F.mse_loss(root.get_submodule(name)(x).float(), y_t)
+        return out
+
+    @torch.no_grad()
+    def per_target_gap(self) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        """Each target's layer-local gap closed on the validation set, 1 − MSE_now / MSE_at_ΔW=0, measured on the
+        backbone given to prepare (adapted in place since; MSE_at_ΔW=0 is the mean of (ΔW*·D x)²), and the
+        second moment E[x xᵀ] of each target's (unscaled) inputs, for the ceilings in the same metric."""
+        assert self.student is not None, "PlantedTask.prepare() must run before per_target_gap()"
+        device = next(self.student.parameters()).device
+        was = self.student.training
+        self.student.eval()
+        now: dict[str, float] = {}
+        base: dict[str, float] = {}
+        cov: dict[str, torch.Tensor] = {}
+        try:
+            for batch in self._sequences(self.cfg["val_size"], 10_000).split(int(self.cfg["batch_size"])):
+                batch = batch.to(device)
+                for name, v in self.layer_losses(self.student, batch).items():
+                    now[name] = now.get(name, 0.0) + float(v) * len(batch)
+                for name, x in self.teacher_inputs(batch).items():
+                    x = x / self.scales[name].to(x.device, x.dtype) if name in self.scales else x
+                    x = x.reshape(-1, x.shape[-1]).double().cpu()
+                    mse = (x @ self.deltas[name].double().T).pow(2).mean()
+                    base[name] = base.get(name, 0.0) + float(mse) * len(batch)
+                    cov[name] = cov.get(name, 0.0) + x.T @ x / len(x)
+        finally:
+            self.student.train(was)
+        return {n: 1.0 - now[n] / base[n] if base.get(n) else float("nan") for n in now}, cov
+
     def summary(self) -> dict[str, Any]:
-        return {"planted": self.planted}
+        """Per target: profile, erank, norm and the ceiling panel at task.rank as shares of ‖ΔW*‖²; after training
+        also its layer-local gap closed, the panel on the validation inputs (the gap's metric) and the ceiling of
+        the structure it was adapted with."""
+        r = int(self.cfg.get("rank", 8))
+        layers = self._adapter_layers()
+        gaps: dict[str, float] = {}
+        cov: dict[str, torch.Tensor] = {}
+        error = None
+        if layers:
+            try:
+                gaps, cov = self.per_target_gap()
+            except Exception as e:  # e.g. a sharded (FSDP) backbone whose layers cannot run alone
+                error = f"{type(e).__name__}: {e}"
+        planted = {}
+        for name, info in self.planted.items():
+            rec = {**info, "ceilings": ceiling_panel(self.deltas[name], r)}
+            if name in gaps:
+                rec["gap_closed"] = gaps[name]
+                rec["ceilings_on_inputs"] = ceiling_panel(self.deltas[name], r, cov[name])
+            found = structure_of(layers[name].summary()) if name in layers else None
+            if found is not None:
+                rec["structure"] = found[0]
+                rec["ceiling"] = ceiling(self.deltas[name], *found, cov.get(name))
+            planted[name] = rec
+        return {"planted": planted, "loss": self.loss_kind, "rank": r, "per_target_error": error}
+
+    def _adapter_layers(self) -> dict[str, Any]:
+        if self.student is None:
+            return {}
+        from ..adapters import AdapterLayer
+
+        return {n: m for n in self.planted if isinstance(m := self.student.get_submodule(n), AdapterLayer)}

@@ -19,11 +19,16 @@ IGNORE = -100
 
 
 def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, torch.Tensor]:
-    """Token ids of prompt + response + eos, with labels = -100 on the prompt (truncated to max_length)."""
+    """Token ids of prompt + response + eos, with labels = -100 on the prompt. Over max_length, the response keeps
+    at least half of it (all, if shorter) and the prompt loses its beginning: an example whose labels were all
+    masked would make the loss NaN (the prompt's end, e.g. "### Response:", stays next to the response)."""
     p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    ids = (p_ids + r_ids)[:max_length]
-    labels = ([IGNORE] * len(p_ids) + r_ids)[:max_length]
+    if len(p_ids) + len(r_ids) > max_length:
+        r_ids = r_ids[: min(len(r_ids), max(max_length - len(p_ids), max_length // 2, 1))]
+        p_ids = p_ids[len(p_ids) - (max_length - len(r_ids)) :]
+    ids = p_ids + r_ids
+    labels = [IGNORE] * len(p_ids) + r_ids
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
 
