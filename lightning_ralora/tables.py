@@ -272,9 +272,16 @@ def _peak_memory_gib(run: Run) -> float | None:
     return None
 
 
+OVERHEAD_DATASETS = ("metamathqa", "code_feedback")  # the SDS-LoRA overhead table's two training sets
+
+
 def extract_overhead(run: Run) -> dict[str, float]:
-    """Seconds per optimizer step (wall_time_s / global_step) and peak memory (GiB, from a MEMORY_KEYS value)."""
-    return _collect([("s_per_step", _s_per_step(run)), ("peak_memory_gib", _peak_memory_gib(run))])
+    """Per training set (`<dataset>_` prefix): seconds per optimizer step (fit_time_s / global_step) and peak memory
+    (GiB, from a MEMORY_KEYS value)."""
+    ds = _train_dataset(run)
+    if ds is None:
+        return {}
+    return _collect([(f"{ds}_s_per_step", _s_per_step(run)), (f"{ds}_peak_memory_gib", _peak_memory_gib(run))])
 
 
 def extract_humaneval_plus(run: Run) -> dict[str, float]:
@@ -357,15 +364,17 @@ def average_over(ids: Sequence[str], name: str = "average") -> Callable[[Cells],
 
 
 def derive_overhead(cells: Cells) -> None:
-    """sds_lora's overhead over lora in the same (model, rank) block: 100 · (mean_sds / mean_lora − 1)."""
+    """sds_lora's overhead over lora in the same (model, rank) block, per training set:
+    `<ds>_time_overhead_pct` / `<ds>_memory_overhead_pct` = 100 · (mean_sds / mean_lora − 1)."""
     for (model, rank, method), row in cells.items():
         base = cells.get((model, rank, "lora"))
         if method != "sds_lora" or base is None:
             continue
-        for src, name in (("s_per_step", "time_pct"), ("peak_memory_gib", "memory_pct")):
-            if src in row and src in base and base[src].mean:
-                ratio = row[src].mean / base[src].mean
-                row[name] = Cell(100.0 * (ratio - 1.0), None, min(row[src].n, base[src].n))
+        for src, name in (("s_per_step", "time_overhead_pct"), ("peak_memory_gib", "memory_overhead_pct")):
+            for ds in {m.rsplit(f"_{src}", 1)[0] for m in row if m.endswith(f"_{src}")}:
+                a, b = row.get(f"{ds}_{src}"), base.get(f"{ds}_{src}")
+                if a is not None and b is not None and b.mean:
+                    row[f"{ds}_{name}"] = Cell(100.0 * (a.mean / b.mean - 1.0), None, min(a.n, b.n))
 
 
 def dynamic_average(cells: Cells) -> None:
@@ -472,13 +481,18 @@ def _tables() -> dict[str, TableSpec]:
             "sds_overhead",
             "SDS-LoRA, training overhead vs LoRA",
             "s/step = fit_time_s (else wall_time_s) / global_step; peak memory from results.json / final_metrics "
-            f"{' or '.join(MEMORY_KEYS)} (bytes); overhead % = 100 · (sds_lora mean / lora mean − 1), same model/rank",
+            f"{' or '.join(MEMORY_KEYS)} (bytes); overhead % = 100 · (sds_lora mean / lora mean − 1), same model, rank "
+            "and training set; published: Table 6 (model, rank and GPU not stated)",
             extract_overhead,
-            (
-                Metric("s_per_step", "s/step", False, 4),
-                Metric("peak_memory_gib", "peak GiB", False),
-                Metric("time_pct", "time overhead %", False),
-                Metric("memory_pct", "memory overhead %", False),
+            tuple(
+                Metric(f"{ds}_{key}", f"{label} {heading}", False, decimals)
+                for ds, label in zip(OVERHEAD_DATASETS, ("MetaMathQA", "Code-Feedback"), strict=True)
+                for key, heading, decimals in (
+                    ("s_per_step", "s/step", 4),
+                    ("peak_memory_gib", "peak GiB", 2),
+                    ("time_overhead_pct", "time +%", 2),
+                    ("memory_overhead_pct", "memory +%", 2),
+                )
             ),
             ("lora", "sds_lora"),
             derive=derive_overhead,
@@ -619,6 +633,17 @@ def select_runs(spec: TableSpec, paths: Sequence[Path], warn: Callable[[str], No
             )
             run = keep
         latest[key] = run
+    configs: dict[tuple, set[str]] = {}
+    for key, run in latest.items():
+        digest = _get(run.results, "identity", "hash")
+        if digest is not None:
+            configs.setdefault(key[:-1], set()).add(str(digest))
+    for key, digests in configs.items():
+        if len(digests) > 1:  # e.g. two learning rates of one method in the directories given
+            warn(
+                f"{key[2]} ({key[0]}, rank {_rank_str(key[1]) or '-'}) mixes runs of {len(digests)} configs "
+                f"(identity {', '.join(sorted(digests))}): its cells average over them"
+            )
     return list(latest.values())
 
 
@@ -687,6 +712,11 @@ def rows(spec: TableSpec, cells: Cells) -> list[Group]:
 # ------------------------------------------------------------------------------------------------------------------
 # our metric id -> the published tables' id, where the papers name a column differently
 PUBLISHED_METRIC = {("ralora_glue", "average"): "glue_avg", ("ralora_image", "average"): "image_avg7"}
+# table -> the published row (model, rank, method) a row of ours compares with, where the paper keys it otherwise
+PUBLISHED_ROW: dict[str, Callable[[str, int | None, str], tuple[str, int | None, str]]] = {
+    "sds_overhead": lambda model, rank, method: ("unspecified", None, method),  # Table 6 states no model or rank
+    "ralora_gid": lambda model, rank, method: (model, None, "full"),  # GID of the full fine-tuning gradients
+}
 
 
 def published_lookup() -> Callable[[str, str, int | None, str, str], float | None]:
@@ -700,6 +730,8 @@ def published_lookup() -> Callable[[str, str, int | None, str, str], float | Non
 
     def lookup(table: str, model: str, rank: int | None, method: str, metric: str) -> float | None:
         metric = PUBLISHED_METRIC.get((table, metric), metric)
+        if table in PUBLISHED_ROW:
+            model, rank, method = PUBLISHED_ROW[table](model, rank, method)
         try:
             cell = fn(table, model, rank, method, metric)
         except Exception as e:  # a lookup bug costs the published column, not the table

@@ -42,7 +42,10 @@ PLAN: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "sds_commonsense_llama": ("full", {"sds_commonsense": tuple(m.id for m in TABLES["sds_commonsense"].metrics)}),
     "sds_image_vit": ("sds_lora", {"sds_image": ("cars",)}),
     "sds_math_gemma": ("pissa", {"sds_nlg": ("gsm8k", "math")}),
-    "sds_math_llama": ("rslora", {"sds_nlg": ("gsm8k", "math"), "sds_overhead": ("s_per_step", "peak_memory_gib")}),
+    "sds_math_llama": (
+        "rslora",
+        {"sds_nlg": ("gsm8k", "math"), "sds_overhead": ("metamathqa_s_per_step", "metamathqa_peak_memory_gib")},
+    ),
 }
 
 
@@ -179,7 +182,7 @@ def test_rehearse_whole_sweep_fills_every_cell(
         for method in methods:
             expected = SWEEP_COLUMNS.get(table, metrics)
             if table == "sds_overhead" and method == "sds_lora":
-                expected = (*metrics, "time_pct", "memory_pct")
+                expected = (*metrics, "metamathqa_time_overhead_pct", "metamathqa_memory_overhead_pct")
             if table == "gralora_hybrid_ratio" and method == "lora":
                 expected = ("hybrid=100%",)
             if table == "ralora_gid":

@@ -266,3 +266,35 @@ def test_wandb_offline_upload(
     runs = list(wandb_dir.glob("wandb/offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert "W&B:" in capsys.readouterr().out
+
+
+def test_sds_overhead_per_training_set_with_table6_beside(tmp_path: Path) -> None:
+    """Time and memory overhead of SDS-LoRA over LoRA per training set, from fit_time_s / global_step and
+    peak_memory_bytes; Table 6's values (model and rank unstated) printed beside."""
+    root = tmp_path / "runs"
+    times = {("lora", 0): 10.0, ("lora", 1): 12.0, ("sds_lora", 0): 11.0, ("sds_lora", 1): 12.2}
+    for (variant, seed), fit in times.items():
+        run = root / f"{variant}{seed}"
+        run.mkdir(parents=True)
+        cfg = {"experiment_name": "sds_math_llama", "adapter": {"r": 8}, "task": {"dataset": "meta-math/MetaMathQA"}}
+        memory = 2**30 * (4.0 if variant == "lora" else 4.1)
+        res = {"variant": variant, "model": "llama3_8b", "seed": seed, "config": cfg, "fit_time_s": fit}
+        res |= {"global_step": 100, "wall_time_s": 99.0, "peak_memory_bytes": memory}
+        (run / "results.json").write_text(json.dumps(res))
+    table = tables.build(tables.TABLES["sds_overhead"], [root])
+    sds = table.cells[("llama3_8b", 8, "sds_lora")]
+    expected = 100 * (statistics.mean([0.11, 0.122]) / statistics.mean([0.10, 0.12]) - 1)
+    assert sds["metamathqa_time_overhead_pct"].mean == pytest.approx(expected)
+    assert sds["metamathqa_memory_overhead_pct"].mean == pytest.approx(2.5)
+    assert table.pub(("llama3_8b", 8, "sds_lora"), "metamathqa_time_overhead_pct") == 4.35
+    assert "(4.35, " in table.markdown() and "(0.48, " in table.markdown()
+
+
+def test_a_cell_mixing_configs_is_warned(tmp_path: Path) -> None:
+    """Two identities (e.g. two learning rates) in one cell: a warning names both hashes."""
+    root = tmp_path / "runs"
+    for seed, digest in ((0, "aaaa1111"), (1, "bbbb2222")):
+        write_run(root, f"lora{seed}", "lora", seed, accs(0.8), identity={"hash": digest})
+    notes = tables.Notes()
+    tables.select_runs(tables.TABLES["sds_commonsense"], sorted(root.rglob("results.json")), notes)
+    assert any("mixes runs of 2 configs" in n and "aaaa1111" in n and "bbbb2222" in n for n in notes), list(notes)
