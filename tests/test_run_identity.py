@@ -142,3 +142,13 @@ def test_wandb_gets_config_once_artifacts_and_structure_table(tmp_path: Path, mo
     table = json.loads(next((run / "wandb").glob("offline-run-*/files/media/table/structure_*.table.json")).read_text())
     modules = [row[0] for row in table["data"]]
     assert table["columns"][0] == "module" and sorted(modules) == sorted(results["structure"]["layers"])
+
+
+@pytest.mark.slow
+def test_cli_resume_with_a_changed_identity_exits_2_naming_the_key(tmp_path: Path) -> None:
+    from .conftest import run_cli
+
+    assert run_cli(tmp_path, "debug=fast", "adapter.r=4").returncode == 0
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    res = run_cli(tmp_path, "debug=fast", "adapter.r=16", f"ckpt_path={ckpt}")
+    assert res.returncode == 2 and "adapter.r: 4 -> 16" in res.stderr and "Traceback" not in res.stderr
