@@ -20,6 +20,10 @@ TARGETS: dict[str, dict[str, Any]] = {
     "gid_share": {"text": "GID warm-up ≤ 5% of the default job's wall time", "bound": 0.05},
     "alignment_overhead": {"text": "Alignment logging ≤ 5% at its default interval", "bound": 1.05},
     "lightning_vs_plain": {"text": "Lightning module step ≤ 1.05× the plain loop", "bound": 1.05},
+    "paper_lora_vs_floor": {"text": "Papers' shapes: our LoRA ≤ 1.03× the frozen floor", "bound": 1.03},
+    "paper_lora_vs_peft_lora": {"text": "Papers' shapes: our LoRA ≤ 1.0× peft LoRA", "bound": 1.0},
+    "paper_variant_vs_lora": {"text": "Papers' shapes: RaLoRA, GraLoRA, Hybrid, SDS ≤ 1.05× our LoRA", "bound": 1.05},
+    "paper_gralora_vs_peft_gralora": {"text": "Papers' shapes: our GraLoRA ≤ 1.0× peft GraLoRA", "bound": 1.0},
 }
 
 

@@ -1,4 +1,5 @@
-"""`python -m benchmarks.run [--quick] [--sections layer,step,schedules,memory,generation] [--repeats N] [--out PATH]`
+"""`python -m benchmarks.run [--quick] [--sections layer,step,schedules,memory,generation,paper] [--repeats N]
+[--out PATH]`
 
 Measures every adapter variant side by side (see benchmarks/__init__.py), prints a markdown table
 (figure | measured ratio (spread) | target | met?) and writes benchmarks/results/<date>-<host>.json plus the table
@@ -25,7 +26,7 @@ import torch
 from .common import Env, Figure, pick_env
 from .report import TARGETS, markdown, write
 
-SECTIONS = ("layer", "step", "schedules", "memory", "generation")
+SECTIONS = ("layer", "step", "schedules", "memory", "generation", "paper")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -12,15 +12,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from .io import markdown_table, write_json_atomic
 from .rank.estimate import estimate_gid, spearman, warmup_train_mode
 from .rank.plots import plot_cumulative_energy
-from .rank.spectra import cumulative_energy, rank_for_energy
+from .rank.spectra import cumulative_energy, effective_rank, rank_for_energy, singular_values
+from .secrets import redact
 
 ENERGY_RANKS = (1, 2, 4, 8, 16, 32)
 ENERGY_THRESHOLD = 0.9
+SV_METHODS = ("svdvals", "gram")  # the singular-value paths whose GID accuracy is reported (rank.spectra)
+
+
+def gid_accuracy(measured: Mapping[str, float], planted: Mapping[str, float]) -> dict[str, float | None]:
+    """How the estimated erank follows the planted one over the common layers: Spearman ρ, the bias
+    mean(measured − planted) and the relative bias mean(measured/planted − 1)."""
+    common = [n for n in measured if n in planted]
+    if not common:
+        return {"spearman": None, "bias": None, "rel_bias": None, "layers": 0}
+    diff = [measured[n] - float(planted[n]) for n in common]
+    rel = [measured[n] / float(planted[n]) - 1.0 for n in common if float(planted[n]) > 0]
+    return {
+        "spearman": spearman([measured[n] for n in common], [float(planted[n]) for n in common]),
+        "bias": sum(diff) / len(diff),
+        "rel_bias": sum(rel) / len(rel) if rel else None,
+        "layers": len(common),
+    }
 
 
 def _energy_at(c: torch.Tensor, r: int) -> float:
@@ -34,8 +53,11 @@ def profile(
     targets: list[str],
     out_dir: str | Path,
     planted_erank: Mapping[str, float] | None = None,
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Estimate GID on `targets` (no training) and write gid_profile.json, gid_profile.md and gid_profile.png.
+    `run` (variant, model, task, seed, config, status) goes into the json, so `lightning-ralora-tables --table
+    ralora_gid` reads a profile as a run.
 
     The warm-up runs in train mode (dropout active, like GIDWarmup); the result records train_mode and the
     active dropout (see rank.estimate.warmup_train_mode), and every submodule's mode is restored afterwards.
@@ -48,7 +70,7 @@ def profile(
     info: dict[str, Any] = {}
     t0 = time.perf_counter()
     with warmup_train_mode(model) as mode:  # dropout active, as in the GIDWarmup callback; modes restored after
-        stats = estimate_gid(model, batches, loss_fn, targets, info=info)
+        stats = estimate_gid(model, batches, loss_fn, targets, info=info, keep_grads=planted_erank is not None)
     seconds = time.perf_counter() - t0
 
     layers: dict[str, dict[str, Any]] = {}
@@ -64,17 +86,27 @@ def profile(
             "warning": st.warning,
             "planted_erank": None if planted_erank is None else planted_erank.get(name),
         }
-    rho = None
+    rho, accuracy = None, None
     if planted_erank:
         common = [n for n in layers if n in planted_erank]
         rho = spearman([layers[n]["erank"] for n in common], [float(planted_erank[n]) for n in common])
+        accuracy = {}  # the same averaged gradients, singular values by each path
+        for method in SV_METHODS:
+            eranks = {
+                n: effective_rank(singular_values(st.grad, method)) for n, st in stats.items() if st.grad is not None
+            }
+            accuracy[method] = gid_accuracy(eranks, planted_erank)
+            for n, e in eranks.items():
+                layers[n].setdefault("erank_by_method", {})[method] = e
     result: dict[str, Any] = {
         "batches": info.get("batches_total"),
         "world_size": info.get("world_size"),
         "seconds": seconds,
         **mode,
         "spearman_erank_vs_planted": rho,
+        "accuracy": accuracy,
         "layers": layers,
+        **dict(run or {}),
     }
     write_json_atomic(out_dir / "gid_profile.json", result)
     (out_dir / "gid_profile.md").write_text(_markdown(result, planted_erank is not None))
@@ -109,6 +141,12 @@ def _markdown(result: dict[str, Any], planted: bool) -> str:
         rho = result["spearman_erank_vs_planted"]
         shown = "n/a" if rho is None else f"{rho:.3f}"
         lines += ["", f"Spearman rank correlation (measured vs planted erank): {shown}"]
+        for method, acc in (result.get("accuracy") or {}).items():
+            if acc["spearman"] is not None:
+                lines.append(
+                    f"- {method}: Spearman {acc['spearman']:.3f}, bias {acc['bias']:+.2f} "
+                    f"(relative {acc['rel_bias']:+.1%}) over {acc['layers']} layers"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -134,9 +172,10 @@ def profile_gid(cfg: Any) -> dict[str, Any]:
     n = int(cfg.adapter.get("gid_batches") or 8)
     batches = list(islice(module.task.datamodule().train_dataloader(), n))
     planted = {k: v["erank"] for k, v in getattr(module.task, "planted", {}).items()} or None
-    result = profile(
-        module.backbone, batches, lambda model, batch: module.training_loss(batch), module.targets, run_dir, planted
-    )
+    run = {"status": "completed", "variant": cfg.adapter.name, "model": cfg.model.name, "task": cfg.task.name}
+    run |= {"seed": cfg.seed, "config": redact(OmegaConf.to_container(cfg, resolve=True))}
+    loss = lambda model, batch: module.training_loss(batch)  # noqa: E731
+    result = profile(module.backbone, batches, loss, module.targets, run_dir, planted, run)
     print((run_dir / "gid_profile.md").read_text())
     return result
 

@@ -116,6 +116,8 @@ class TableSpec:
     dynamic: Metric | None = None  # template for columns found in the runs (ids not in `metrics`)
     derive: Callable[[Cells], None] | None = None  # adds derived cells (averages, overheads)
     pivot_rank: bool = False  # markdown: one column per rank (rows model/method) instead of rank blocks
+    files: tuple[str, ...] = ("results.json",)  # the run records read (ralora_gid: also lightning-ralora-gid's)
+    cell_text: Callable[[str, Cell], str | None] | None = None  # markdown text of a cell (verdicts); None: the number
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -236,8 +238,9 @@ def extract_image(run: Run) -> dict[str, float]:
 
 
 def _eranks(run: Run) -> list[float]:
-    """Per-module erank of the run's plan (results.json `plan`, else RUN/gid.json)."""
-    entries = _get(run.results, "plan", "entries") or {}
+    """Per-module erank of the run's plan (results.json `plan`, else RUN/gid.json), or of a gid_profile.json's
+    `layers` (`lightning-ralora-gid`)."""
+    entries = _get(run.results, "plan", "entries") or _get(run.results, "layers") or {}
     values = [v for e in entries.values() if (v := _num(_get(e, "erank"))) is not None]
     gid = run.path.parent / "gid.json"
     if not values and gid.is_file():
@@ -313,23 +316,38 @@ def extract_planted(run: Run) -> dict[str, float]:
     return _collect([("gap_closed", None if gap is None else 100.0 * gap), ("kl", kl)])
 
 
-def extract_claims(run: Run) -> dict[str, float]:
-    """Per planted profile, the mean over its targets of the layer-local gap closed (`gap:<profile>`) and of the
-    ceiling of the run's structure (`ceiling:<profile>`), both in percent (results.json task_summary.planted)."""
+def _by_profile(run: Run) -> dict[str, dict[str, list[float]]]:
+    """{profile: {gap, ceiling (percent), cos (mean cos(G, Ĝ) of the alignment callback), size (n or k)}: values
+    over the profile's targets} from results.json task_summary.planted and callbacks.GradientAlignment.layers."""
+    align = _get(run.results, "callbacks", "GradientAlignment", "layers") or {}
     by: dict[str, dict[str, list[float]]] = {}
-    for rec in (_get(run.results, "task_summary", "planted") or {}).values():
+    for name, rec in (_get(run.results, "task_summary", "planted") or {}).items():
         if not isinstance(rec, Mapping) or "profile" not in rec:
             continue
-        for key in ("gap_closed", "ceiling"):
-            v = _num(rec.get(key))
+        gap, ceil = _num(rec.get("gap_closed")), _num(rec.get("ceiling"))
+        structure = str(rec.get("structure") or "")
+        size = re.fullmatch(r"(?:blocks|grid)(\d+)", structure)
+        values = {
+            "gap": None if gap is None else 100.0 * gap,
+            "ceiling": None if ceil is None else 100.0 * ceil,
+            "cos": _num(_get(align, name, "cos_f")),
+            "size": float(size.group(1)) if size else (1.0 if structure == "lora" else None),
+        }
+        for key, v in values.items():
             if v is not None:
-                by.setdefault(str(rec["profile"]), {}).setdefault(key, []).append(100.0 * v)
-    out = {}
-    for profile, vals in by.items():
-        for key, name in (("gap_closed", "gap"), ("ceiling", "ceiling")):
-            if vals.get(key):
-                out[f"{name}:{profile}"] = statistics.mean(vals[key])
-    return out
+                by.setdefault(str(rec["profile"]), {}).setdefault(key, []).append(v)
+    return by
+
+
+def extract_claims(run: Run) -> dict[str, float]:
+    """Per planted profile, the mean over its targets of the layer-local gap closed (`gap:<profile>`), of the
+    ceiling of the run's structure (`ceiling:<profile>`), both in percent, and of cos(G, Ĝ) (`cos:<profile>`)."""
+    return {
+        f"{key}:{profile}": statistics.mean(values)
+        for profile, vals in _by_profile(run).items()
+        for key, values in vals.items()
+        if key != "size" and values
+    }
 
 
 def derive_claims(cells: Cells) -> None:
@@ -347,6 +365,54 @@ def derive_claims(cells: Cells) -> None:
             margin = cell.mean - ref.mean
             verdict = 1.0 if margin > noise else (-1.0 if margin < -noise else 0.0)
             row[f"verdict:{metric[4:]}"] = Cell(verdict, None, min(cell.n, ref.n))
+
+
+VERDICTS = {1.0: "holds", -1.0: "does not hold", 0.0: "within noise"}
+
+
+def claims_text(metric: str, cell: Cell) -> str | None:
+    """`verdict:<profile>` cells as words (holds / does not hold / within noise); other cells as numbers."""
+    return VERDICTS.get(cell.mean) if metric.startswith("verdict:") else None
+
+
+# the oracle sweep (experiment claims_oracle): fixed structures, one method name each, and the GID-planned ones
+ORACLE_FAMILIES = {"ralora_n": "oracle_ralora", "gralora_k": "oracle_gralora"}
+
+
+def extract_oracle(run: Run) -> dict[str, float]:
+    """Per planted profile: the layer-local gap closed (`gap:<profile>`, percent) and the structure's block count or
+    grid size (`n:<profile>`, the mean over the profile's targets: a GID plan may differ between them). Names the
+    run's row by its fixed structure (ralora_n<n> without the GID plan, gralora_k<k> for an integer k)."""
+    adapter = _get(run.results, "config", "adapter") or {}
+    if adapter.get("kind") == "ralora" and not adapter.get("needs_gid"):
+        run.method = f"ralora_n{adapter.get('n_blocks', 1)}"
+    elif adapter.get("kind") == "gralora" and str(adapter.get("k")) != "auto" and not adapter.get("hybrid_r"):
+        run.method = f"gralora_k{adapter.get('k')}"
+    out = {}
+    for profile, vals in _by_profile(run).items():
+        for key, name in (("gap", "gap"), ("size", "n")):
+            if vals.get(key):
+                out[f"{name}:{profile}"] = statistics.mean(vals[key])
+    return out
+
+
+def derive_oracle(cells: Cells) -> None:
+    """An `oracle_ralora` / `oracle_gralora` row per (model, rank) block: per profile, the gap closed and n (k) of
+    the fixed structure (methods ralora_n<n>, gralora_k<k>) that closes the most; the GID rows show their pick."""
+    for model, rank in {(g[0], g[1]) for g in cells}:
+        for prefix, name in ORACLE_FAMILIES.items():
+            fixed = [
+                row for (m, r, method), row in cells.items() if (m, r) == (model, rank) and method.startswith(prefix)
+            ]
+            best: dict[str, Cell] = {}
+            for row in fixed:
+                for metric, cell in row.items():
+                    profile = metric[4:]
+                    if metric.startswith("gap:") and (metric not in best or cell.mean > best[metric].mean):
+                        best[metric] = cell
+                        best[f"n:{profile}"] = row.get(f"n:{profile}", Cell(float("nan"), None, cell.n))
+            if best:
+                cells[(model, rank, name)] = best
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -439,8 +505,8 @@ def _tables() -> dict[str, TableSpec]:
         TableSpec(
             "ralora_gid",
             "RaLoRA, GID per dataset",
-            "mean erank over the plan's modules (results.json plan.entries[*].erank, else RUN/gid.json), per training "
-            "dataset (config task.dataset)",
+            "mean erank over the plan's modules (results.json plan.entries[*].erank, else RUN/gid.json; or a "
+            "lightning-ralora-gid gid_profile.json), per training dataset (config task.dataset)",
             extract_gid,
             (
                 Metric("gid_wizardlm", "WizardLM", False),
@@ -448,6 +514,7 @@ def _tables() -> dict[str, TableSpec]:
                 Metric("gid_metamathqa", "MetaMathQA", False),
             ),
             dynamic=Metric("", percent=False),
+            files=("results.json", "gid_profile.json"),
         ),
         TableSpec(
             "sds_commonsense",
@@ -539,10 +606,37 @@ def _tables() -> dict[str, TableSpec]:
             "holds), −1 LoRA wins beyond 3 std (does not hold), 0 within noise. The claims: RaLoRA on block (and its "
             "controls decay, low), GraLoRA on outlier, SDS-LoRA on skewed; flat is open",
             extract_claims,
-            methods=("lora", "ralora", "gralora", "sds_lora"),
+            tuple(  # grouped per profile; profiles outside the defaults follow as dynamic columns
+                Metric(f"{key}:{profile}", f"{profile} {label}", False, decimals)
+                for profile in ("low", "block", "decay", "flat", "outlier", "skewed")
+                for key, label, decimals in (("ceiling", "ceiling", 1), ("gap", "gap", 1), ("cos", "cos", 3))
+                + (("verdict", "verdict", 0),)
+            ),
+            methods=("lora", "ralora", "gralora", "gralora_auto", "sds_lora"),
             experiments=("claims",),
             dynamic=Metric("", percent=False, decimals=1),
             derive=derive_claims,
+            cell_text=claims_text,
+        ),
+        TableSpec(
+            "claims_oracle",
+            "Claims oracle: the best fixed structure per planted profile vs the GID rule's pick (tiny model, CPU)",
+            "task_summary.planted per target, averaged over the targets of each profile: gap:<profile> = layer-local "
+            "gap closed (percent), n:<profile> = the block count (RaLoRA) or grid size (GraLoRA) it was trained with; "
+            "ralora_n<n> / gralora_k<k> are fixed structures, oracle_* the best of them per profile, ralora and "
+            "gralora_auto the GID rule's per-layer pick",
+            extract_oracle,
+            methods=(
+                *(f"ralora_n{n}" for n in (1, 2, 4, 8)),
+                "oracle_ralora",
+                "ralora",
+                *(f"gralora_k{k}" for k in (1, 2, 4, 8)),
+                "oracle_gralora",
+                "gralora_auto",
+            ),
+            experiments=("claims_oracle",),
+            dynamic=Metric("", percent=False, decimals=1),
+            derive=derive_oracle,
         ),
     ]
     return {s.id: s for s in specs}
@@ -566,8 +660,9 @@ class Notes(list):
         self.append(message)
 
 
-def find_results(dirs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
-    """Every results.json below each directory (sorted), and one problem per directory without any."""
+def find_results(dirs: Sequence[str | Path], names: Sequence[str] = ("results.json",)) -> tuple[list[Path], list[str]]:
+    """Every run record (`names`: results.json, ...) below each directory (sorted), and one problem per directory
+    without any."""
     found: list[Path] = []
     problems: list[str] = []
     for d in dirs:
@@ -575,9 +670,9 @@ def find_results(dirs: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
         if not path.is_dir():
             problems.append(f"{path}: not a directory")
             continue
-        files = sorted(path.rglob("results.json"))
+        files = sorted(f for name in names for f in path.rglob(name))
         if not files:
-            problems.append(f"{path}: no runs (no results.json below it)")
+            problems.append(f"{path}: no runs (no {' or '.join(names)} below it)")
         found += [f for f in files if f not in found]
     return found, problems
 
@@ -818,12 +913,14 @@ class Table:
         if spec.pivot_rank:
             return "\n".join(head) + self._pivot_markdown() + "\n"
         header = ["model", "rank", "method", *(m.heading for m in self.columns)]
-        body = [
-            [g[0], _rank_str(g[1]) or MISSING, g[2]]
-            + [format_cell(self.cells.get(g, {}).get(m.id), self.pub(g, m.id), m.decimals) for m in self.columns]
-            for g in self.rows
-        ]
+        body = [[g[0], _rank_str(g[1]) or MISSING, g[2]] + [self._text(g, m) for m in self.columns] for g in self.rows]
         return "\n".join(head) + io.markdown_table(header, body) + "\n"
+
+    def _text(self, group: Group, metric: Metric) -> str:
+        """One markdown cell: the spec's text for it (e.g. a verdict), else `format_cell`."""
+        cell = self.cells.get(group, {}).get(metric.id)
+        text = self.spec.cell_text(metric.id, cell) if self.spec.cell_text and cell is not None else None
+        return text if text is not None else format_cell(cell, self.pub(group, metric.id), metric.decimals)
 
     def _pivot_markdown(self) -> str:
         ranks = sorted({g[1] for g in self.rows if g[1] is not None})
@@ -851,7 +948,7 @@ class Table:
 
 def build(spec: TableSpec, dirs: Sequence[str | Path]) -> Table:
     """Read, filter and aggregate the runs below `dirs`; raises TableInputError listing every problem."""
-    paths, problems = find_results(dirs)
+    paths, problems = find_results(dirs, spec.files)
     if problems:
         raise TableInputError(problems)
     notes = Notes()

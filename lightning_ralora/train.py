@@ -107,9 +107,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["identity"] = identity
         if eval_metrics is not None:
             results["eval"] = eval_metrics
+        if cfg.get("export"):  # every rank: under FSDP2 the merge gathers the shards; rank 0 writes
+            results["export_dir"] = str(module.export(run_dir / "export"))
         if trainer.is_global_zero:
-            if cfg.get("export"):
-                results["export_dir"] = str(module.export(run_dir / "export"))
             write_json_atomic(run_dir / "results.json", results)
             log_run_files(trainer, run_dir, module)
             print(summary(results, run_dir), flush=True)

@@ -74,3 +74,45 @@ def test_cli_rejects_unknown_section() -> None:
 
     with pytest.raises(SystemExit):
         parse_args(["--sections", "layer,nope"])
+
+
+@pytest.mark.parametrize(
+    "kind, kw",
+    [
+        ("lora", {}),
+        ("ralora", {"n_blocks": 4, "scale": None}),
+        ("gralora", {"k": 2}),
+        ("gralora", {"k": 2, "hybrid_r": 4}),
+        ("sds", {}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_update_matches_dense_with_gradients(kind: str, kw: dict, dtype: torch.dtype) -> None:
+    """The fast paths (addmm_/baddbmm_ into the base output, `_AddBlocks`) give the dense ΔW reference's output
+    and gradients (input and factors); a bf16 base takes the add_ fallback with fp32 factors."""
+    from benchmarks.variants import _Holder, prepare_layers
+    from lightning_ralora.adapters.registry import VARIANTS
+
+    torch.manual_seed(0)
+    layer = VARIANTS[kind].layer.from_spec(
+        torch.nn.Linear(16, 24).to(dtype), VARIANTS[kind].config(r=8, alpha=16.0, **kw).to_spec()
+    )
+    with torch.no_grad():
+        for p in layer.adapter_parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    prepare_layers(_Holder(layer))
+    x = torch.randn(3, 5, 16, dtype=dtype, requires_grad=True)
+    g = torch.randn(3, 5, 24, dtype=dtype)
+    layer(x).backward(g)
+    got = [x.grad, *(p.grad for p in layer.adapter_parameters())]
+    x.grad = None
+    layer.zero_grad()
+    w = layer.base.weight.float() + layer.delta_weight()
+    ref = x.float() @ w.T + layer.base.bias.float()
+    ref.backward(g.float())
+    want = [x.grad, *(p.grad for p in layer.adapter_parameters())]
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    assert layer(x).dtype == dtype and all(p.dtype == torch.float32 for p in layer.adapter_parameters())
+    torch.testing.assert_close(layer(x).float(), ref, rtol=tol, atol=tol)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=tol, atol=tol)

@@ -26,6 +26,7 @@ SEEDS = (0, 1)
 # experiment -> (the method rehearsed, {table id: the metric ids the experiment fills in that table})
 PLAN: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "claims": ("ralora", {"claims": ("gap:block",)}),
+    "claims_oracle": ("ralora", {"claims_oracle": ("gap:block", "n:block")}),
     "gralora_code_llama": ("gralora", {"gralora_code": ("pass@1",)}),
     "gralora_hybrid_ratio": ("hybrid_gralora", {"gralora_hybrid_ratio": ("hybrid=50%",)}),
     "gralora_k_sweep": ("gralora", {"gralora_k_sweep": ("k=4",)}),
@@ -177,9 +178,11 @@ def test_rehearse_whole_sweep_fills_every_cell(
         cells = table_cells(table, runs, tmp_path / "tables")
         methods = {method for method, _ in cells}
         assert methods, table
-        if table != "ralora_gid":  # GID cells exist only for variants with a plan
+        if table not in ("ralora_gid", "claims_oracle"):  # GID: planned variants only; oracle: rows per structure
             assert methods == {o[0].removeprefix("adapter=") for o in jobs}, (table, methods)
         for method in methods:
+            if table == "claims_oracle" and method != "ralora":
+                continue  # fixed structures are rows of their own (gralora_k2, ...), the derived oracle rows too
             expected = SWEEP_COLUMNS.get(table, metrics)
             if table == "sds_overhead" and method == "sds_lora":
                 expected = (*metrics, "metamathqa_time_overhead_pct", "metamathqa_memory_overhead_pct")

@@ -298,3 +298,21 @@ def test_a_cell_mixing_configs_is_warned(tmp_path: Path) -> None:
     notes = tables.Notes()
     tables.select_runs(tables.TABLES["sds_commonsense"], sorted(root.rglob("results.json")), notes)
     assert any("mixes runs of 2 configs" in n and "aaaa1111" in n and "bbbb2222" in n for n in notes), list(notes)
+
+
+def test_gid_table_from_lightning_ralora_gid_profiles(tmp_path: Path) -> None:
+    """`lightning-ralora-gid experiment=ralora_gsm8k_llama debug=rehearsal adapter=ralora` (no training): its
+    gid_profile.json is a run of the ralora_gid table, the mean erank of its layers under the training set."""
+    from lightning_ralora.gid_profile import profile_gid
+
+    from .conftest import make_cfg
+
+    for seed in (0, 1):
+        run = tmp_path / "gid" / f"seed{seed}"
+        cfg = make_cfg(run, ["experiment=ralora_gsm8k_llama", "debug=rehearsal", "adapter=ralora", f"seed={seed}"])
+        profile_gid(cfg)
+    profiles = [json.loads(p.read_text()) for p in sorted((tmp_path / "gid").rglob("gid_profile.json"))]
+    table = tables.build(tables.TABLES["ralora_gid"], [tmp_path / "gid"])
+    cell = table.cells[("llama31_8b", 8, "ralora")]["gid_metamathqa"]
+    means = [statistics.mean(layer["erank"] for layer in p["layers"].values()) for p in profiles]
+    assert cell.n == 2 and cell.mean == pytest.approx(statistics.mean(means))

@@ -14,9 +14,9 @@ from lightning_ralora.adapters import LayerSpec
 from lightning_ralora.adapters.registry import get_variant
 from lightning_ralora.gid_profile import profile_gid
 from lightning_ralora.modules.adapter_module import AdapterModule
-from lightning_ralora.tables import TABLES, Run, aggregate
+from lightning_ralora.tables import TABLES, Run, Table, aggregate, columns, rows
 from lightning_ralora.tasks.planted import PlantedTask
-from lightning_ralora.tasks.planted_profiles import ceiling, planted_update
+from lightning_ralora.tasks.planted_profiles import best_size, ceiling, planted_update
 from lightning_ralora.train import train
 from tests.conftest import make_cfg
 
@@ -124,6 +124,12 @@ def test_gid_follows_planted_erank_on_the_layer_loss(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, ["adapter=ralora", "task.loss=layer"], fast=False)
     result = profile_gid(cfg)
     assert result["spearman_erank_vs_planted"] >= 0.8
+    for method in ("svdvals", "gram"):  # both singular-value paths, ρ and bias against the planted erank
+        acc = result["accuracy"][method]
+        assert acc["spearman"] >= 0.8 and acc["layers"] == len(result["layers"])
+        planted = {n: d["planted_erank"] for n, d in result["layers"].items()}
+        bias = sum(d["erank_by_method"][method] - planted[n] for n, d in result["layers"].items()) / len(planted)
+        assert acc["bias"] == pytest.approx(bias)
 
 
 def _by_profile(results: dict, key: str) -> dict[str, float]:
@@ -157,3 +163,110 @@ def test_ralora_wins_on_block_and_lora_on_decay(tmp_path: Path) -> None:
     ralora = cells[("tiny_llama", 8, "ralora")]
     assert ralora["verdict:block"].mean == 1.0 and ralora["verdict:decay"].mean == -1.0
     assert ralora["ceiling:block"].mean > cells[("tiny_llama", 8, "lora")]["ceiling:block"].mean
+
+
+@pytest.mark.parametrize("n_blocks", [8, 2])
+def test_oracle_argmax_over_n_agrees_with_the_closed_form(n_blocks: int) -> None:
+    """`block` with n_b blocks of rank r/2 (total rank n_b·r/2): n ≤ n_b blocks of rank r represent min(1, 2n/n_b) of
+    it, n > n_b less than all, so the oracle n is the smallest n ≥ n_b/2 (4 for n_b = 8, LoRA for n_b = 2); `low`
+    is LoRA's; a k x k grid of rank r/k keeps r/k of each diagonal sub-block's rank (n_b/k)·r/2: min(1, 2/n_b) for
+    every k ≤ n_b, so k = 1."""
+    block = planted_update(64, 64, "block", torch.Generator().manual_seed(0), rank=8, n_blocks=n_blocks)
+    for n in (2, 4, 8):  # n <= n_b: each chunk holds n_b/n whole blocks; n > n_b cuts them (less than all)
+        share = ceiling(block, f"blocks{n}", 8)
+        assert share == pytest.approx(min(1.0, 2 * n / n_blocks), abs=1e-6) if n <= n_blocks else share < 0.99
+    assert best_size(block, 8, "blocks") == max(1, n_blocks // 2)
+    for k in (2, 4, 8):
+        share = ceiling(block, f"grid{k}", 8)
+        assert share == pytest.approx(min(1.0, 2 / n_blocks), abs=1e-6) if k <= n_blocks else share < 0.99
+    assert best_size(block, 8, "grid") == 1
+    assert best_size(_update("low"), 8, "blocks") == 1
+
+
+def _results(method: str, gaps: dict[str, float], cos: float, structure: str = "lora") -> dict:
+    planted = {
+        f"l{i}.{p}": {"profile": p, "gap_closed": g, "ceiling": 0.9, "structure": structure}
+        for i, (p, g) in enumerate(gaps.items())
+    }
+    layers = {name: {"cos_f": cos} for name in planted}
+    adapter = {"kind": "ralora", "needs_gid": method == "ralora", "n_blocks": int(structure[6:] or 1)}
+    return {
+        "task_summary": {"planted": planted},
+        "callbacks": {"GradientAlignment": {"layers": layers}},
+        "config": {"adapter": adapter},
+    }
+
+
+def test_claims_table_shows_cos_per_cell_and_verdicts_as_words() -> None:
+    """cos:<profile> is the mean of the alignment callback's per-layer cos_f; verdicts read holds / does not hold /
+    within noise in the markdown (numbers in the csv); other tables keep numeric cells."""
+    runs = []
+    for seed, eps in enumerate((0.0, 0.01)):
+        for method, gaps, cos in (
+            ("lora", {"block": 0.3, "decay": 0.8, "flat": 0.4}, 0.5),
+            ("ralora", {"block": 0.6, "decay": 0.5, "flat": 0.4 + 2 * eps}, 0.7 + eps),
+        ):
+            run = Run(Path("x"), _results(method, gaps, cos), 0.0, "tiny", 8, method, seed, "claims", "planted")
+            run.values = TABLES["claims"].extract(run)
+            runs.append(run)
+    cells = aggregate(TABLES["claims"], runs)
+    row = cells[("tiny", 8, "ralora")]
+    assert row["cos:block"].mean == pytest.approx(0.705) and row["gap:block"].mean == pytest.approx(60.0)
+    assert [row[f"verdict:{p}"].mean for p in ("block", "decay", "flat")] == [1.0, -1.0, 0.0]
+    table = Table(
+        TABLES["claims"], cells, columns(TABLES["claims"], cells), rows(TABLES["claims"], cells), runs, lambda *a: None
+    )
+    line = next(x for x in table.markdown().splitlines() if "| ralora" in x)
+    assert "holds" in line and "does not hold" in line and "within noise" in line
+    assert "verdict:block,1.0" in table.csv_text() and all(
+        s.cell_text is None for k, s in TABLES.items() if k != "claims"
+    )
+
+
+def test_oracle_table_shows_the_best_fixed_structure_beside_the_gid_pick() -> None:
+    """oracle_ralora holds, per profile, the gap and n of the fixed-n run that closes the most; the fixed runs are
+    named by their n; the GID row keeps its own pick."""
+    runs = []
+    for name, n, gaps in (
+        ("ralora", 4, {"block": 0.55, "decay": 0.5}),
+        ("ralora", 1, {"block": 0.3, "decay": 0.86}),
+        ("ralora", 2, {"block": 0.45, "decay": 0.6}),
+        ("ralora", 8, {"block": 0.6, "decay": 0.3}),
+    ):
+        res = _results(name, gaps, 0.5, "lora" if n == 1 else f"blocks{n}")
+        res["config"]["adapter"]["needs_gid"] = not runs  # the first run is the GID-planned one
+        run = Run(Path("x"), res, 0.0, "tiny", 8, name, 0, "claims_oracle", "planted")
+        run.values = TABLES["claims_oracle"].extract(run)
+        runs.append(run)
+    assert [r.method for r in runs] == ["ralora", "ralora_n1", "ralora_n2", "ralora_n8"]
+    cells = aggregate(TABLES["claims_oracle"], runs)
+    oracle, gid = cells[("tiny", 8, "oracle_ralora")], cells[("tiny", 8, "ralora")]
+    assert (oracle["gap:block"].mean, oracle["n:block"].mean) == pytest.approx((60.0, 8.0))
+    assert (oracle["gap:decay"].mean, oracle["n:decay"].mean) == pytest.approx((86.0, 1.0))
+    assert (gid["gap:block"].mean, gid["n:block"].mean) == pytest.approx((55.0, 4.0))
+
+
+def test_gradient_deviation_against_the_closed_form_of_lora_at_init() -> None:
+    """With B = 0, LoRA's step moves W along Ĝ ∝ G AᵀA: grad_dev and col_dev are the scale-matched relative
+    deviations of Ĝ and of its column norms from G's; 0 for full fine-tuning; per-layer means survive a restart."""
+    from lightning_ralora.adapters.lora import LoRALinear
+    from lightning_ralora.callbacks.alignment import GradientAlignment
+
+    torch.manual_seed(0)
+    layer, G = LoRALinear(nn.Linear(16, 12), r=4, alpha=8), torch.randn(12, 16)
+    A = layer.lora_A.detach()
+    ref = G @ A.T @ A
+
+    def dev(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a / a.norm() - b / b.norm()).norm() * b.norm() / b.norm())
+
+    cb = GradientAlignment(every_n_steps=1)
+    out = cb.gradient_deviation(layer, G)
+    assert out["grad_dev"] == pytest.approx(dev(ref, G), rel=1e-4)
+    assert out["col_dev"] == pytest.approx(dev(ref.norm(dim=0), G.norm(dim=0)), rel=1e-4)
+    assert cb.gradient_deviation(nn.Linear(16, 12), G) == {"grad_dev": 0.0, "col_dev": 0.0}
+    cb._record_layers({"a": {"cos_f": 0.2}})
+    cb._record_layers({"a": {"cos_f": 0.4, "kappa": float("nan")}})
+    again = GradientAlignment(every_n_steps=1)
+    again.load_state_dict(cb.state_dict())
+    assert again.results_summary()["layers"] == {"a": {"cos_f": pytest.approx(0.3)}}

@@ -5,12 +5,15 @@ Pure PyTorch: no Lightning, Hydra or transformers imports, so this folder can be
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .schema import pos_int, raise_problems
@@ -83,6 +86,55 @@ def single_term(B: torch.Tensor, A: torch.Tensor) -> BlockTerm:
     """One dense B (m x r) @ A (r x n) as a 1 x 1 grid term."""
     z = torch.zeros(1, dtype=torch.long, device=B.device)
     return BlockTerm((1, 1), z, z, B.unsqueeze(0), A.unsqueeze(0))
+
+
+def add_product(out: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """s·h Bᵀ, accumulated into `out` when given: by one addmm_ with the scale as alpha when `out` is 2-D and of
+    h's dtype (no tokens x out temporary, no extra pass), else scaled on the small h and added (casting into a
+    bf16 `out`). The product itself runs in h's (the adapter's, >= fp32) dtype."""
+    if out is None:
+        return F.linear(h * s, B)
+    if out.dim() != 2 or h.dim() != 2 or out.dtype != h.dtype:
+        return out.add_(F.linear(h * s, B))
+    return out.addmm_(h, B.t(), alpha=s)
+
+
+class _AddBlocks(torch.autograd.Function):
+    """out (M x nb·mb) += s·[h_b B_bᵀ]_b for h (nb, M, r), B (nb, mb, r): one baddbmm_ into a strided view of `out`,
+    so neither pass makes a tokens x out temporary or a permute copy (autograd's in-place-on-view would clone)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+        nb, M, _ = h.shape
+        out.view(M, nb, -1).transpose(0, 1).baddbmm_(h, B.transpose(1, 2), alpha=s)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(h, B)
+        ctx.s = s
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h, B = ctx.saved_tensors
+        nb, M, _ = h.shape
+        gv = g.reshape(M, nb, -1).transpose(0, 1)  # (nb, M, mb), a view of g
+        gh = torch.bmm(gv, B).mul_(ctx.s) if ctx.needs_input_grad[1] else None
+        gB = torch.bmm(gv.transpose(1, 2), h).mul_(ctx.s) if ctx.needs_input_grad[2] else None
+        return g, gh, gB, None
+
+
+def add_blocks(out: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, s: float, m: int) -> torch.Tensor:
+    """The block-diagonal product s·blockdiag(B_b)·h as (M x m), output chunk b = s·h_b B_bᵀ (h (nb, M, r),
+    B (nb, m/nb, r)); accumulated into a contiguous 2-D `out` of h's dtype in place (`_AddBlocks`), else added."""
+    if out is not None and out.dim() == 2 and out.dtype == h.dtype and out.is_contiguous():
+        return _AddBlocks.apply(out, h, B, s)
+    y = torch.bmm(h * s, B.transpose(1, 2)).transpose(0, 1).reshape(h.shape[1], m)
+    return y if out is None else out.add_(y)
+
+
+@functools.cache
+def _accumulates(cls: type) -> bool:
+    """True when `cls.update` takes `out=`, i.e. writes the update into the base output itself."""
+    return "out" in inspect.signature(cls.update).parameters
 
 
 def kaiming_uniform_(weight: torch.Tensor, fan_in: int | None = None) -> torch.Tensor:
@@ -168,8 +220,9 @@ class AdapterLayer(nn.Module):
         return [getattr(self, n) for n in self.b_side if isinstance(getattr(self, n, None), nn.Parameter)]
 
     # --- to implement -------------------------------------------------------------------------
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled low-rank update ΔW·x, computed through the factors."""
+    def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The scaled low-rank update ΔW·x, computed through the factors; with `out` (the 2-D base output, called so
+        by `forward` when the variant's `update` takes `out`) accumulated into it in place and returned."""
         raise NotImplementedError
 
     def delta_weight(self) -> torch.Tensor:
@@ -225,14 +278,17 @@ class AdapterLayer(nn.Module):
 
     # --- shared behaviour ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Base output plus the update; `update` casts the input to the adapter dtype, and the in-place add casts
-        the update back to the base output's dtype."""
+        """Base output plus the update, on 2-D (tokens x features) views; `update` casts the input to the adapter
+        dtype and accumulates into the base output in place (its `out=`), or the update is added in place."""
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features)
         y = self.base(x)
-        if self.merged:
-            return y
-        # in place: the base output is not saved for backward, and a fresh (tokens x out) tensor costs a full pass
-        # (on CPU mostly page faults); add_ also casts a float32 update into a bf16 output without a temporary
-        return y.add_(self.update(self.dropout(x)))
+        if not self.merged:
+            # in place: the base output is not saved for backward, and a fresh (tokens x out) tensor costs a full
+            # pass; add_ also casts a float32 update into a bf16 output without a temporary
+            x = self.dropout(x)
+            y = self.update(x, out=y) if _accumulates(type(self)) else y.add_(self.update(x))
+        return y.view(*lead, self.out_features)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
         """Trainable parameters of the update (everything but the frozen base)."""

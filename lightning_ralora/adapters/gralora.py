@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, BlockTerm, LayerSpec, kaiming_uniform_, single_term
+from .base import AdapterLayer, BlockTerm, LayerSpec, add_blocks, add_product, kaiming_uniform_, single_term
 from .registry import BenchmarkEntry, register_variant
-from .schema import LowRankConfig, doc, is_pos_int, nonneg_int, pos_int, raise_problems
+from .schema import CallbackSpec, LowRankConfig, doc, is_pos_int, nonneg_int, pos_int, power_of_two, raise_problems
+
+AUTO = "auto"  # adapter.k=auto: each layer's k from the GID warm-up (rank.rules.build_gralora_plan)
 
 
 @dataclass
@@ -30,18 +33,26 @@ class GraLoRAConfig(LowRankConfig):
     """GraLoRA / Hybrid GraLoRA: a k x k grid of rank-r/k blocks (+ a dense rank-hybrid_r LoRA); s = alpha/(r + h)."""
 
     kind = "gralora"
-    k: int = doc("grid size; must divide r, in_features and out_features of every target", 2)
+    k: Any = doc("grid size; must divide r, in_features and out_features of every target; auto: per layer from GID", 2)
     hybrid_r: int = doc("extra dense (shared) LoRA rank; > 0 is Hybrid GraLoRA", 0)
+    k_max: int = doc("k=auto: largest grid size (a power of two)", 8)
+    block_r_min: int = doc("k=auto: smallest block rank r/k (k is halved until r/k reaches it)", 2)
+    gid_batches: int = doc("k=auto: warm-up batches per rank for the GID estimate", 8)
 
     def validate(self) -> list[str]:
-        """Low-rank fields plus k > 0 dividing r and hybrid_r >= 0."""
+        """Low-rank fields plus k > 0 dividing r (or auto, with k_max, block_r_min, gid_batches) and hybrid_r >= 0."""
+        if self.k == AUTO:
+            problems = super().validate() + power_of_two(self.k_max, self.f("k_max"))
+            for key in ("block_r_min", "gid_batches"):
+                problems += pos_int(getattr(self, key), self.f(key))
+            return problems + nonneg_int(self.hybrid_r, self.f("hybrid_r"))
         problems = super().validate() + pos_int(self.k, self.f("k"))
         if is_pos_int(self.k) and is_pos_int(self.r) and self.r % self.k:
             problems.append(f"{self.f('k')}={self.k} must divide {self.f('r')}={self.r} (each block gets rank r/k)")
         return problems + nonneg_int(self.hybrid_r, self.f("hybrid_r"))
 
     def shape_problems(self, in_features: int, out_features: int) -> list[str]:
-        """k must divide in_features and out_features of the target."""
+        """k must divide in_features and out_features of the target (k=auto: the plan halves k until it does)."""
         if not is_pos_int(self.k):
             return []
         return [
@@ -51,8 +62,22 @@ class GraLoRAConfig(LowRankConfig):
         ]
 
     def to_spec(self) -> LayerSpec:
-        """The uniform GraLoRA LayerSpec."""
+        """The uniform GraLoRA LayerSpec (k=auto has none: its plan comes from the GID warm-up)."""
+        if self.k == AUTO:
+            raise ValueError(f"{self.f('k')}=auto has no uniform spec: the GID warm-up builds the per-layer plan")
         return self.layer_spec(k=int(self.k), hybrid_r=int(self.hybrid_r))
+
+    def callbacks(self) -> list[CallbackSpec]:
+        """k=auto: GraLoRAAutoWarmup(batches=gid_batches), which builds the per-layer k plan before training."""
+        if self.k != AUTO:
+            return []
+        target = "lightning_ralora.callbacks.gid_warmup:GraLoRAAutoWarmup"
+        return [CallbackSpec(target, {"batches": int(self.gid_batches)})]
+
+    @property
+    def needs_plan(self) -> bool:
+        """k=auto: the layers are built from the warm-up's plan (or a checkpoint's)."""
+        return self.k == AUTO
 
 
 def check_gralora_shape(r: int, k: int, in_features: int, out_features: int, hybrid_r: int = 0) -> None:
@@ -82,15 +107,21 @@ class GraLoRALinear(AdapterLayer):
             self.hybrid_A = nn.Parameter(kaiming_uniform_(torch.empty(hybrid_r, self.in_features, **fk)))
             self.hybrid_B = nn.Parameter(torch.zeros(self.out_features, hybrid_r, **fk))
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """s·ΔW x as two batched contractions over the grid: h_ij = A_ij x_j, out_i = Σ_j B_ij h_ij."""
+    def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """s·ΔW x as two batched products over the grid, on strided views of x and `out` (no permute copies of
+        them): h_j = [A_ij]_i x_j per input chunk j, then out_i = Σ_j B_ij h_ij = [B_ij]_j [h_ij]_j per output
+        chunk i; only the (tokens x k·r) intermediate is regrouped from j-major to i-major."""
         x = x.to(self.gralora_A.dtype)
-        xs = x.reshape(*x.shape[:-1], self.k, self.in_features // self.k)  # (..., j, n/k)
-        h = torch.einsum("...jn,ijrn->...ijr", xs, self.gralora_A) * self.scaling  # (..., i, j, r/k), scaled here
-        out = torch.einsum("...ijr,ijmr->...im", h, self.gralora_B).reshape(*x.shape[:-1], self.out_features)
+        k, rb, lead = self.k, self.r // self.k, x.shape[:-1]
+        xs = x.reshape(-1, k, self.in_features // k).transpose(0, 1)  # (j, M, n/k), a view
+        a = self.gralora_A.transpose(0, 1).reshape(k, k * rb, -1)  # (j, i·r/k, n/k): a weight-sized copy
+        h = torch.bmm(xs, a.transpose(1, 2))  # (j, M, i·r/k)
+        h = h.view(k, -1, k, rb).permute(2, 1, 0, 3).reshape(k, -1, k * rb)  # (i, M, j·r/k)
+        b = self.gralora_B.transpose(1, 2).reshape(k, -1, k * rb)  # (i, m/k, j·r/k)
+        y = add_blocks(out, h, b, self.scaling, self.out_features)
         if self.hybrid_r > 0:
-            out = out + F.linear(F.linear(x, self.hybrid_A) * self.scaling, self.hybrid_B)
-        return out
+            y = add_product(y, F.linear(x.reshape(-1, self.in_features), self.hybrid_A), self.hybrid_B, self.scaling)
+        return y if out is not None else y.view(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         blocks = torch.einsum("ijmr,ijrn->imjn", self.gralora_B, self.gralora_A)  # (k, m/k, k, n/k)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, BlockTerm, LayerSpec, kaiming_uniform_, single_term
+from .base import AdapterLayer, BlockTerm, LayerSpec, add_product, kaiming_uniform_, single_term
 from .registry import BenchmarkEntry, register_variant
 from .schema import LowRankConfig, doc, pos_number_or_none, raise_problems
 
@@ -61,10 +61,9 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(r, self.in_features, **fk)))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **fk))
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_A.dtype)
-        # scale the (tokens x r) intermediate, not the (tokens x out) result: the same numbers, r/out of the work
-        return F.linear(F.linear(x, self.lora_A) * self.scaling, self.lora_B)
+    def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """s·B A x; into `out` by one addmm_ with s as alpha (no tokens x out temporary), see `add_product`."""
+        return add_product(out, F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B, self.scaling)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scaling

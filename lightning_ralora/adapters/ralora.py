@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, BlockTerm, LayerSpec, kaiming_uniform_
+from .base import AdapterLayer, BlockTerm, LayerSpec, add_blocks, add_product, kaiming_uniform_
 from .registry import BenchmarkEntry, register_variant
 from .schema import (
     CallbackSpec,
@@ -140,17 +140,18 @@ class RaLoRALinear(AdapterLayer):
         self.lora_A = nn.Parameter(kaiming_uniform_(torch.empty(n_blocks, r, n // n_blocks, **fk)))
         self.lora_B = nn.Parameter(torch.zeros(n_blocks, m // n_blocks, r, **fk))
 
-    def update(self, x: torch.Tensor) -> torch.Tensor:
-        """s·blockdiag(B_i A_i)·x as one batched contraction over the block axis."""
+    def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """s·blockdiag(B_i A_i)·x as two batched contractions over the block axis on strided views of x and of
+        `out` (no permute copies; see `add_blocks`)."""
         x = x.to(self.lora_A.dtype)
         nb = self.n_blocks
         if nb == 1:  # plain LoRA: the same kernels as LoRALinear, so outputs match it bit for bit
-            return F.linear(F.linear(x, self.lora_A[0]) * self.scaling, self.lora_B[0])
+            return add_product(out, F.linear(x, self.lora_A[0]), self.lora_B[0], self.scaling)
         lead = x.shape[:-1]
-        xb = x.reshape(-1, nb, self.in_features // nb).transpose(0, 1)  # (n, M, in/n)
-        h = torch.bmm(xb, self.lora_A.transpose(1, 2)) * self.scaling  # (n, M, r): scale the small tensor
-        y = torch.bmm(h, self.lora_B.transpose(1, 2))  # (n, M, out/n)
-        return y.transpose(0, 1).reshape(*lead, self.out_features)
+        xb = x.reshape(-1, nb, self.in_features // nb).transpose(0, 1)  # (n, M, in/n), a view
+        h = torch.bmm(xb, self.lora_A.transpose(1, 2))  # (n, M, r)
+        y = add_blocks(out, h, self.lora_B, self.scaling, self.out_features)
+        return y if out is not None else y.view(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         """Dense block-diagonal ΔW (off-diagonal blocks exactly zero), differentiable in the factors."""

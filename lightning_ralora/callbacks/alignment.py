@@ -30,7 +30,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_ralora.adapters import AdapterLayer, adapter_layers
-from lightning_ralora.diagnostics import METHODS, FullGradientCapture, layer_metrics
+from lightning_ralora.diagnostics import METHODS, FullGradientCapture, effective_gradient, layer_metrics
 from lightning_ralora.diagnostics.structure import dense
 
 from ._logging import log_event
@@ -87,6 +87,8 @@ class GradientAlignment(L.Callback):
         self._sums: dict[str, float] = {}
         self._counts: dict[str, int] = {}
         self._last: dict[str, float] = {}
+        self._layer_sums: dict[str, dict[str, float]] = {}  # per layer and metric: sum and count over logging steps
+        self._layer_counts: dict[str, dict[str, int]] = {}
 
     # --- schedule ----------------------------------------------------------------------------------
     def is_logging_step(self, global_step: int) -> bool:
@@ -146,6 +148,7 @@ class GradientAlignment(L.Callback):
         if not per_layer:
             return
         metrics = self._aggregate(per_layer)
+        self._record_layers(per_layer)
         metrics["align/cost_s"] = time.perf_counter() - start
         self.logged_steps.append(step + 1)
         for key, value in metrics.items():
@@ -182,7 +185,22 @@ class GradientAlignment(L.Callback):
 
     def layer_measurement(self, name: str, layer: nn.Module, G: torch.Tensor) -> dict[str, float]:
         """The metrics of one layer (a seam for tests and subclasses)."""
-        return layer_metrics(layer, G, method=self.method, full_erank=self.full_erank)
+        out = layer_metrics(layer, G, method=self.method, full_erank=self.full_erank)
+        return {**out, **self.gradient_deviation(layer, G)}
+
+    def gradient_deviation(self, layer: nn.Module, G: torch.Tensor) -> dict[str, float]:
+        """GraLoRA's gradient picture (its Fig. 3): how far the update direction Ĝ the adapter applies to W is from
+        full fine-tuning's G. ``grad_dev`` = ‖Ĝ·‖G‖/‖Ĝ‖ − G‖/‖G‖ (0: the same direction); ``col_dev`` = the same
+        deviation of the per-input-channel norms ‖G[:, j]‖ (the outlier channels' entanglement). 0 for full FT."""
+        G = dense(G).float()
+        if isinstance(layer, nn.Linear) and not isinstance(layer, AdapterLayer):
+            return {"grad_dev": 0.0, "col_dev": 0.0}
+        g_hat = dense(effective_gradient(layer, G, self.method)).float()
+        out = {}
+        for key, a, b in (("grad_dev", g_hat, G), ("col_dev", g_hat.norm(dim=0), G.norm(dim=0))):
+            na, nb = float(a.norm()), float(b.norm())
+            out[key] = float((a * (nb / na) - b).norm()) / nb if na > 0 and nb > 0 else float("nan")
+        return out
 
     def _measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
@@ -237,6 +255,19 @@ class GradientAlignment(L.Callback):
         self._counts[key] = self._counts.get(key, 0) + 1
         self._last[key] = value
 
+    def _record_layers(self, per_layer: dict[str, dict[str, float]]) -> None:
+        for name, vals in per_layer.items():
+            sums, counts = self._layer_sums.setdefault(name, {}), self._layer_counts.setdefault(name, {})
+            for key, value in vals.items():
+                if math.isfinite(value):
+                    sums[key] = sums.get(key, 0.0) + float(value)
+                    counts[key] = counts.get(key, 0) + 1
+
+    @property
+    def layer_summary(self) -> dict[str, dict[str, float]]:
+        """{layer: {metric: mean over logging steps}} (per-layer cells, e.g. cos_f per planted profile)."""
+        return {n: {k: v / self._layer_counts[n][k] for k, v in sums.items()} for n, sums in self._layer_sums.items()}
+
     @property
     def summary(self) -> dict[str, dict[str, float]]:
         """{mean metric: {"mean": mean over logging steps, "last": last value, "count": logging steps}}."""
@@ -247,7 +278,12 @@ class GradientAlignment(L.Callback):
 
     def results_summary(self) -> dict[str, Any]:
         """What results.json keeps: the summary, the measured steps and the schedule."""
-        return {"every_n_steps": self.every_n_steps, "logged_steps": list(self.logged_steps), "metrics": self.summary}
+        return {
+            "every_n_steps": self.every_n_steps,
+            "logged_steps": list(self.logged_steps),
+            "metrics": self.summary,
+            "layers": self.layer_summary,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -256,6 +292,8 @@ class GradientAlignment(L.Callback):
             "last": dict(self._last),
             "logged_steps": list(self.logged_steps),
             "summary": self.summary,
+            "layer_sums": {n: dict(v) for n, v in self._layer_sums.items()},
+            "layer_counts": {n: dict(v) for n, v in self._layer_counts.items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -263,3 +301,6 @@ class GradientAlignment(L.Callback):
         self._counts = {k: int(v) for k, v in state_dict.get("counts", {}).items()}
         self._last = {k: float(v) for k, v in state_dict.get("last", {}).items()}
         self.logged_steps = [int(s) for s in state_dict.get("logged_steps", [])]
+        sums, counts = state_dict.get("layer_sums", {}), state_dict.get("layer_counts", {})
+        self._layer_sums = {n: {k: float(x) for k, x in v.items()} for n, v in sums.items()}
+        self._layer_counts = {n: {k: int(x) for k, x in v.items()} for n, v in counts.items()}

@@ -21,7 +21,7 @@ from ..io import write_json_atomic
 from ..plan import AdapterPlan
 from ..rank.estimate import estimate_gid, spearman, warmup_train_mode
 from ..rank.plots import plot_cumulative_energy, plot_gid
-from ..rank.rules import build_ralora_plan, validate_ralora_cfg
+from ..rank.rules import build_gralora_plan, build_ralora_plan, validate_ralora_cfg
 
 
 def rank_shard(loader: Iterable[Any], rank: int, world: int, n: int) -> Iterator[Any]:
@@ -150,7 +150,7 @@ class GIDWarmup(L.Callback):
         for name in pl_module.targets:
             lin = backbone.get_submodule(name)
             shapes[name] = (int(lin.out_features), int(lin.in_features))
-        plan = build_ralora_plan(stats, shapes, cfg)
+        plan = self.build_plan(stats, shapes, cfg)
         plan.meta.update(
             gid_N_per_rank=n,
             gid_batches_total=info.get("batches_total"),
@@ -171,6 +171,10 @@ class GIDWarmup(L.Callback):
             k: plan.meta[k] for k in ("gid_N_per_rank", "gid_batches_total", "gid_batch_size", "world_size")
         }
         return plan
+
+    def build_plan(self, stats: dict[str, Any], shapes: dict[str, tuple[int, int]], cfg: dict[str, Any]) -> AdapterPlan:
+        """The plan from the all-reduced GID statistics (RaLoRA's rule; subclasses choose another)."""
+        return build_ralora_plan(stats, shapes, cfg)
 
     def _write_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule, plan: AdapterPlan) -> None:
         """Rank 0: run_dir/gid.json, gid.png, gid_energy.png, and the plot plus a table to any W&B logger."""
@@ -232,3 +236,22 @@ class GIDWarmup(L.Callback):
                     lg.log_image("gid/plan", [str(png)])
             except Exception as e:  # logging is best effort
                 rank_zero_warn(f"GIDWarmup: could not log to W&B ({type(e).__name__}: {e})")
+
+
+class GraLoRAAutoWarmup(GIDWarmup):
+    """GID-aligned GraLoRA (`adapter=gralora adapter.k=auto`): the same warm-up, each layer's k from its GID
+    (rank.rules.build_gralora_plan); skipped, as GIDWarmup, when a plan exists or the run resumes."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or getattr(pl_module, "plan", None) is not None or trainer.ckpt_path:
+            return
+        cfg = dict(pl_module.adapter_cfg)
+        if cfg.get("kind") != "gralora" or cfg.get("k") != "auto":
+            return
+        pl_module.plan = self.estimate_plan(trainer, pl_module, cfg)
+        if trainer.is_global_zero:
+            self._write_and_log(trainer, pl_module, pl_module.plan)
+
+    def build_plan(self, stats: dict[str, Any], shapes: dict[str, tuple[int, int]], cfg: dict[str, Any]) -> AdapterPlan:
+        """The k=auto plan: RaLoRA's block-count rule on the grid size."""
+        return build_gralora_plan(stats, shapes, cfg)

@@ -18,7 +18,7 @@ from ..adapters import LayerSpec, adapter_layers, find_modules, find_targets, in
 from ..plan import AdapterPlan, uniform_plan
 from ..secrets import redact
 from ..tasks import TASKS
-from .backbone import load_backbone
+from .backbone import env_global_rank, host_bytes, load_backbone, load_backbone_rank0
 
 PLAN_KEY = "adapter_plan"
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -41,7 +41,12 @@ def block_module_names(model: nn.Module) -> set[str]:
     names &= present
     if names:
         return names
-    return {n for n in present if n.endswith(("DecoderLayer", "EncoderLayer", "Block"))}
+    names = {n for n in present if n.endswith(("DecoderLayer", "EncoderLayer", "Block"))}
+    for m in model.modules():  # RoBERTa & co. (no _no_split_modules): the class repeated in a ModuleList
+        kinds = {type(c).__name__ for c in m.children()} if isinstance(m, nn.ModuleList) and len(m) > 1 else set()
+        if len(kinds) == 1 and not isinstance(m[0], nn.Linear):
+            names |= kinds
+    return names
 
 
 def adapter_dtype(adapter_cfg: Mapping[str, Any]) -> torch.dtype | None:
@@ -76,9 +81,22 @@ def optimizer_groups(model: nn.Module, lr: float, lr_ratio_B: float = 1.0) -> li
     ]
 
 
+def checkpoint_metadata_file(ckpt_path: str | Path) -> Path:
+    """The file holding a checkpoint's non-tensor state: the file itself, or `<dir>/meta.pt` of a distributed
+    (FSDP2, sharded) checkpoint directory, which Lightning's ModelParallelStrategy writes beside the shards."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+
+        path = path / _METADATA_FILENAME
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path} is a directory without {_METADATA_FILENAME}")
+    return path
+
+
 def read_plan(ckpt_path: str | Path) -> AdapterPlan | None:
-    """The adapter plan stored in a Lightning checkpoint (None if it has none)."""
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    """The adapter plan stored in a Lightning checkpoint, single-file or sharded directory (None if it has none)."""
+    ckpt = torch.load(checkpoint_metadata_file(ckpt_path), map_location="cpu", weights_only=True, mmap=True)
     return AdapterPlan.from_dict(ckpt[PLAN_KEY]) if ckpt.get(PLAN_KEY) else None
 
 
@@ -125,7 +143,15 @@ class AdapterModule(L.LightningModule):
         self.run_dir = Path(run_dir) if run_dir else None
         self.task = TASKS[task_cfg["name"]](task_cfg, model_cfg, seed)
         # from_pretrained returns an eval-mode model: train in train mode (dropout on); validation switches to eval
-        self.backbone, fresh = load_backbone(self.model_cfg, self.task.extra_model_config())
+        # model.load_on_rank0 (FSDP2): only rank 0 reads the pretrained weights, the others build a meta skeleton
+        self.load_on_rank0 = bool(self.model_cfg.get("load_on_rank0")) and bool(self.model_cfg.get("pretrained"))
+        if self.load_on_rank0 and self.adapter_cfg.get("needs_gid"):
+            raise ValueError(
+                "model.load_on_rank0=true with a GID warm-up adapter: the warm-up needs the weights on every rank"
+            )
+        load = load_backbone_rank0 if self.load_on_rank0 else load_backbone
+        self.backbone, fresh = load(self.model_cfg, self.task.extra_model_config())
+        self.loaded_bytes = host_bytes(self.backbone)  # bytes of pretrained/initial weights this rank holds
         self.backbone.train()
         self.task.prepare(self.backbone)
         self.full_modules = trainable_module_names(self.backbone, self.task, self.model_cfg, fresh)
@@ -138,6 +164,7 @@ class AdapterModule(L.LightningModule):
         self.targets = find_targets(self.backbone, patterns, exclude=self.full_modules)
         self.plan: AdapterPlan | None = AdapterPlan.from_dict(plan) if plan else None
         self.adapted = False
+        self.sharded = False  # set by `_shard` (FSDP2): parameters are DTensor shards from then on
         self.metrics = self.task.metrics()
         self.val_loss = MeanMetric()  # exact mean over the whole validation set, synced across ranks
         self.val_loss0: float | None = None
@@ -179,8 +206,27 @@ class AdapterModule(L.LightningModule):
                 self.backbone.get_submodule(name).requires_grad_(True)
         self.adapted = True
         mesh = getattr(self, "device_mesh", None)
+        if self.load_on_rank0 and mesh is None:
+            raise ValueError("model.load_on_rank0=true needs a sharded strategy (trainer=fsdp2 or trainer=hsdp)")
+        full = self.backbone.state_dict() if self.load_on_rank0 and env_global_rank() == 0 else {}
         if mesh is not None:  # FSDP2 through Lightning's ModelParallelStrategy
             self._shard(mesh)
+        if self.load_on_rank0:
+            self._broadcast_from_rank0(full)
+
+    def _broadcast_from_rank0(self, full: dict[str, torch.Tensor]) -> None:
+        """After fully_shard: the other ranks allocate their shards and receive rank 0's weights (adapters and
+        buffers included), so no rank but 0 ever holds the full pretrained state dict."""
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        device = self._trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if dist.get_rank() != 0:
+            self.backbone.to_empty(device=device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(self.backbone, full, options=options)
+        for buf in self.backbone.buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
+            dist.broadcast(buf, src=0)
 
     def _apply_peft(self) -> None:
         from peft import LoraConfig, get_peft_model
@@ -202,14 +248,28 @@ class AdapterModule(L.LightningModule):
                     p.data = p.data.to(dtype)
 
     def _shard(self, mesh) -> None:
+        """fully_shard each block (`block_module_names`), then the root, on the strategy's mesh and options
+        (FSDP2Strategy: HSDP mesh, mixed precision, activation checkpointing; plain ModelParallelStrategy: dp)."""
         from torch.distributed.fsdp import fully_shard
 
-        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        from ..distributed import FSDP2Strategy, enable_activation_checkpointing
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        kwargs: dict[str, Any] = {}
+        if isinstance(strategy, FSDP2Strategy):
+            dp, kwargs = strategy.shard_mesh(), strategy.fully_shard_kwargs()
+            if strategy.activation_checkpointing:
+                enable_activation_checkpointing(self.backbone)
+        else:
+            dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
         names = block_module_names(self.backbone)
         blocks = [m for m in self.backbone.modules() if type(m).__name__ in names]
+        if not blocks:
+            rank_zero_warn(f"FSDP2: no block of {type(self.backbone).__name__} found; sharding only the root")
         for block in blocks:
-            fully_shard(block, mesh=dp)
-        fully_shard(self.backbone, mesh=dp)
+            fully_shard(block, mesh=dp, **kwargs)
+        fully_shard(self.backbone, mesh=dp, **kwargs)
+        self.sharded = True
 
     def adapter_layers(self):
         return adapter_layers(self.backbone)
@@ -262,6 +322,18 @@ class AdapterModule(L.LightningModule):
         if hook is not None:
             hook(self)
 
+    def _write_loaded_bytes(self) -> None:
+        """<run_dir>/load_bytes.json: bytes of backbone weights each rank held after loading (a collective)."""
+        import torch.distributed as dist
+
+        from ..io import write_json_atomic
+
+        per_rank: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, self.loaded_bytes)
+        if dist.get_rank() == 0:
+            blob = {"loaded_bytes_per_rank": per_rank, "load_on_rank0": self.load_on_rank0}
+            write_json_atomic(self.run_dir / "load_bytes.json", blob)
+
     @torch.no_grad()
     def _mean_val_loss(self) -> float:
         total, count = 0.0, 0
@@ -273,6 +345,8 @@ class AdapterModule(L.LightningModule):
         return total / max(1, count)
 
     def on_fit_start(self) -> None:
+        if self.sharded and self.run_dir is not None:  # FSDP2: what each rank materialised when loading
+            self._write_loaded_bytes()
         if self.task.reports_gap and self.val_loss0 is None:
             was_training = self.backbone.training
             self.backbone.eval()
@@ -326,17 +400,43 @@ class AdapterModule(L.LightningModule):
         plan = read_plan(ckpt_path)
         return cls.load_from_checkpoint(ckpt_path, plan=plan.to_dict() if plan else None, weights_only=True, **kwargs)
 
+    def unsharded_backbone(self) -> nn.Module:
+        """A plain CPU copy of the FSDP2-sharded backbone, adapters included: the same structure rebuilt on the
+        meta device, filled from the gathered full state dict (a collective: call it on every rank)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if self.kind == "peft":
+            raise NotImplementedError("merge/export of a sharded peft model: use adapter kind lora (ours)")
+        state = get_model_state_dict(self.backbone, options=StateDictOptions(full_state_dict=True))
+        model, _ = load_backbone(self.model_cfg, self.task.extra_model_config(), meta=True)
+        if self.kind != "full":
+            with torch.device("meta"):
+                inject(model, self.targets, self.plan.specs(), dtype=adapter_dtype(self.adapter_cfg))
+        model.to_empty(device="cpu")
+        model.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
+        for name, buf in self.backbone.named_buffers():  # non-persistent buffers (rotary inv_freq) too
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = buf.detach().cpu().clone()
+        return model.train(self.backbone.training)
+
     def merged_backbone(self) -> nn.Module:
-        """A plain transformers model with every adapter folded into its weights."""
-        model = copy.deepcopy(self.backbone)
+        """A plain transformers model with every adapter folded into its weights (under FSDP2 a collective)."""
+        model = self.unsharded_backbone() if self.sharded else copy.deepcopy(self.backbone)
         if self.kind == "peft":
             return model.merge_and_unload()
         return merge_all(model)
 
     def export(self, path: str | Path) -> Path:
-        """Write the merged model with `save_pretrained` (loadable by `AutoModel*.from_pretrained`)."""
+        """Write the merged model with `save_pretrained` (loadable by `AutoModel*.from_pretrained`); rank 0 writes,
+        and under FSDP2 every rank must call it (the merge gathers the shards)."""
         path = Path(path)
-        self.merged_backbone().save_pretrained(path)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank != 0 and not self.sharded:  # under FSDP2 every rank joins the gather; only rank 0 writes
+            return path
+        merged = self.merged_backbone()
+        if rank != 0:
+            return path
+        merged.save_pretrained(path)
         for preprocessor in (getattr(self.task, "tokenizer", None), getattr(self.task, "processor", None)):
             if preprocessor is not None:  # the tokenizer, or an image task's processor
                 preprocessor.save_pretrained(path)

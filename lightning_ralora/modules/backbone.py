@@ -94,3 +94,61 @@ def load_backbone(
         return model, missing
     model = auto.from_config(config)
     return (model.to(dtype) if dtype is not None else model), []
+
+
+def env_global_rank() -> int:
+    """This process's global rank from the launcher's environment (torchrun/SLURM: RANK; Lightning's launcher:
+    NODE_RANK and LOCAL_RANK), usable before the process group exists; 0 outside a multi-process launch."""
+    import os
+
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    local, node = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("NODE_RANK", 0))
+    return local if node == 0 else node * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + local
+
+
+def checkpoint_missing_modules(model: nn.Module, pretrained: str) -> list[str]:
+    """The modules `from_pretrained` would initialise fresh (as its `missing_keys`), read from the safetensors
+    headers of a local directory only: no tensor is loaded."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    files = sorted(Path(pretrained).glob("*.safetensors")) if Path(pretrained).is_dir() else []
+    if not files:
+        raise ValueError(f"model.load_on_rank0 needs model.pretrained to be a local safetensors dir: {pretrained}")
+    keys: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            keys.update(st.keys())
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [
+        k
+        for k in model.state_dict()
+        if k not in tied and k not in keys and prefix + k not in keys and k.removeprefix(prefix) not in keys
+    ]
+    return sorted({k.rpartition(".")[0] for k in missing})
+
+
+def load_backbone_rank0(
+    model_cfg: Mapping[str, Any], extra_config: Mapping[str, Any] | None = None, rank: int | None = None
+) -> tuple[nn.Module, list[str]]:
+    """Bounded host memory: rank 0 loads the pretrained weights (`load_backbone`); every other rank builds the
+    meta skeleton (no tensor loaded) with the same fresh-module list; `AdapterModule.configure_model` then
+    broadcasts rank 0's weights shard by shard after fully_shard."""
+    rank = env_global_rank() if rank is None else rank
+    if rank == 0:
+        return load_backbone(model_cfg, extra_config)
+    model, _ = load_backbone(model_cfg, extra_config, meta=True)
+    dtype = torch_dtype(model_cfg.get("dtype"))
+    model = model.to(dtype) if dtype is not None else model
+    return model, checkpoint_missing_modules(model, model_cfg["pretrained"])
+
+
+def host_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors held in memory (meta tensors hold none): what loading materialised."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

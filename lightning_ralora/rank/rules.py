@@ -222,3 +222,59 @@ def build_ralora_plan(
         "warnings": [stats[n].warning for n in shapes if stats[n].warning],
     }
     return AdapterPlan(variant=variant, entries=entries, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GID-aligned GraLoRA (adapter=gralora adapter.k=auto): RaLoRA's block-count rule applied to the grid size
+# --------------------------------------------------------------------------------------------------------------
+def grid_for(
+    erank: float, r: int, out_features: int, in_features: int, k_max: int, block_r_min: int = 1
+) -> tuple[int, str | None]:
+    """k_l = blocks_for(erank, r, k_max) (a k x k grid of rank-r/k blocks reaches rank k·r), halved until k divides
+    r, out and in and r/k >= block_r_min; the note records the halving (None if none)."""
+    k0 = k = blocks_for(erank, r, k_max)
+    while k > 1 and (r % k or out_features % k or in_features % k or r // k < block_r_min):
+        k //= 2
+    if k == k0:
+        return k, None
+    return k, (
+        f"k {k0} does not divide (r={r}, out={out_features}, in={in_features}) with r/k >= {block_r_min}; halved to {k}"
+    )
+
+
+def build_gralora_plan(
+    stats: Mapping[str, GIDStat], shapes: Mapping[str, tuple[int, int]], cfg: Mapping[str, Any]
+) -> AdapterPlan:
+    """The k=auto plan: every target a GraLoRA spec of rank r with k_l from its GID (`grid_for`); r(m+n) per layer,
+    as LoRA of rank r, whatever k_l."""
+    from ..adapters.gralora import GraLoRAConfig
+
+    problems = GraLoRAConfig.from_cfg(cfg).validate()
+    if problems:
+        raise ValueError("invalid GraLoRA k=auto adapter config:\n  - " + "\n  - ".join(problems))
+    missing = [n for n in shapes if n not in stats]
+    if missing:
+        raise ValueError(f"build_gralora_plan: no GID statistics for target module(s) {missing[:4]}")
+    r, k_max, r_min = int(cfg["r"]), int(cfg.get("k_max", 8)), int(cfg.get("block_r_min", 2))
+    hybrid_r, alpha = int(cfg.get("hybrid_r", 0)), float(cfg.get("alpha", 16.0))
+    entries: dict[str, PlanEntry] = {}
+    for name, (m, n) in shapes.items():
+        st = stats[name]
+        k, note = grid_for(st.erank, r, int(m), int(n), k_max, r_min)
+        spec = LayerSpec(
+            kind="gralora", r=r, alpha=alpha, dropout=float(cfg.get("dropout", 0.0)), k=k, hybrid_r=hybrid_r
+        )
+        notes = [x for x in (note, st.warning) if x]
+        entries[name] = PlanEntry(
+            shape=(int(m), int(n)), spec=spec, erank=st.erank, importance=st.importance, notes=notes
+        )
+    meta: dict[str, Any] = {
+        "rule": "gralora_auto",
+        "r_ref": r,
+        "k_max": k_max,
+        "block_r_min": r_min,
+        "gid_batches_cfg": int(cfg.get("gid_batches", 8)),
+        "params_plan": sum((r + hybrid_r) * (int(m) + int(n)) for m, n in shapes.values()),
+        "warnings": [stats[n].warning for n in shapes if stats[n].warning],
+    }
+    return AdapterPlan(variant=str(cfg.get("name") or "gralora"), entries=entries, meta=meta)

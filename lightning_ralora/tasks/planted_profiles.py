@@ -168,3 +168,17 @@ def structure_of(layer: Mapping[str, Any]) -> tuple[str, int] | None:
     if kind == "sds":
         return "rank2r", int(r)
     return None
+
+
+def best_size(
+    delta: torch.Tensor, r: int, family: str, sizes: tuple[int, ...] = (1, 2, 4, 8), cov: torch.Tensor | None = None
+) -> int:
+    """The oracle structure by ceiling: the smallest block count (`family="blocks"`, n = 1 is LoRA) or grid size
+    (`"grid"`) whose ceiling is within 1e-6 of the best of `sizes`; sizes that do not split the shape are skipped."""
+    shares = {}
+    for size in sizes:
+        share = ceiling(delta, "lora" if family == "blocks" and size == 1 else f"{family}{size}", r, cov)
+        if share is not None:
+            shares[size] = share
+    top = max(shares.values())
+    return min(s for s, v in shares.items() if v >= top - 1e-6)

@@ -1,0 +1,166 @@
+"""FSDP2 (trainer=fsdp2, 2 CPU processes over gloo) against DDP: every variant, its callbacks, sharded checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ralora.consolidate import consolidate, load_full_checkpoint
+from lightning_ralora.modules.adapter_module import read_plan
+
+from .conftest import run_cli
+
+VARIANTS = ["lora", "rslora", "ralora", "ralora_pro", "ls_lora", "gralora", "hybrid_gralora", "sds_lora"]
+# tiny and short: 6 steps, alignment measured on steps 2, 4, 6; SDS switches after step 2 and refreshes after
+TINY = ["trainer.max_steps=6", "trainer.val_check_interval=6", "callbacks.checkpoint.every_n_train_steps=3"]
+TINY += ["task.train_size=64", "task.val_size=16", "callbacks=alignment", "callbacks.alignment.every_n_steps=2"]
+
+
+def _overrides(variant: str) -> list[str]:
+    extra = ["adapter.warmup_steps=2"] if variant == "sds_lora" else []
+    return ["debug=fast", f"adapter={variant}", *TINY, *extra]
+
+
+def _train(run_dir: Path, *overrides: str) -> dict:
+    res = run_cli(run_dir, *overrides)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads((run_dir / "results.json").read_text())
+
+
+def _state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_full_checkpoint(ckpt)["state_dict"].items()}
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-5) -> None:
+    assert set(a) == set(b)
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= atol, worst
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fsdp2_equals_ddp(tmp_path: Path, variant: str) -> None:
+    """Same digests on both ranks, the callbacks ran, and the final weights equal a DDP run of the same config."""
+    runs = {s: _train(tmp_path / s, f"trainer={s}", *_overrides(variant)) for s in ("fsdp2", "ddp")}
+    for results in runs.values():
+        assert results["world_size"] == 2
+        for key in ("structure_digest_per_rank", "adapter_state_digest_per_rank"):
+            assert len(set(results[key])) == 1, key
+        assert results["callbacks"]["GradientAlignment"]["logged_steps"] == [2, 4, 6]
+    if variant == "sds_lora":
+        assert (
+            runs["fsdp2"]["callbacks"]["SDSSchedule"]["refresh_log"]
+            == runs["ddp"]["callbacks"]["SDSSchedule"]["refresh_log"]
+        )
+    sharded = tmp_path / "fsdp2" / "checkpoints" / "last.ckpt"
+    assert sharded.is_dir()  # a distributed checkpoint
+    _assert_close(_state(sharded), _state(tmp_path / "ddp" / "checkpoints" / "last.ckpt"))
+
+
+RESUME = {
+    "sds_lora": ["adapter=sds_lora", "adapter.warmup_steps=2", "adapter.K=2"],
+    "ralora": ["adapter=ralora", "adapter.gid_batches=2"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("case", list(RESUME))
+def test_fsdp2_resumes_from_its_sharded_last_checkpoint(tmp_path: Path, case: str) -> None:
+    """A run crashed after step 4 and resumed with ckpt_path=last (a sharded directory: plan, schedule state and
+    identity read from its meta.pt) ends as the uninterrupted run: plan, SDS refresh steps, weights."""
+    common = ["debug=fast", "trainer=fsdp2", *RESUME[case], "task.train_size=64", "task.val_size=16"]
+    common += ["trainer.max_steps=8", "trainer.val_check_interval=4", "callbacks.checkpoint.every_n_train_steps=1"]
+    full = _train(tmp_path / "full", *common)
+    crash = ["+callbacks.crash._target_=tests.test_exact_resume.CrashAt", "+callbacks.crash.step=4"]
+    assert run_cli(tmp_path / "resumed", *common, *crash).returncode != 0
+    last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and load_full_checkpoint(last)["global_step"] == 4
+    assert read_plan(last) is not None or case != "ralora"
+    resumed = _train(tmp_path / "resumed", *common, "ckpt_path=last", "resume.allow_changes=[callbacks.crash]")
+    assert resumed["identity"] == full["identity"]
+    if case == "ralora":
+        assert resumed["plan"]["entries"] == full["plan"]["entries"]
+    assert resumed["callbacks"].get("SDSSchedule") == full["callbacks"].get("SDSSchedule")
+    _assert_close(_state(last), _state(tmp_path / "full" / "checkpoints" / "last.ckpt"), atol=1e-6)
+    one_file = consolidate(last, tmp_path / "consolidated.ckpt")  # the CLI's function: one torch.save file
+    assert read_plan(one_file) == read_plan(last)
+    _assert_close(_state(one_file), _state(last), atol=0.0)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("trainer", ["fsdp2", "hsdp"])
+def test_two_simulated_nodes_train_with_world_size_two(tmp_path: Path, trainer: str) -> None:
+    """Two torchrun 'nodes' of one process each on 127.0.0.1: the mesh spans the world (not trainer.devices);
+    hsdp: replicate across the nodes, shard within one (a 2 x 1 mesh)."""
+    import os
+    import subprocess
+    import sys
+
+    port = _free_port()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
+    launch += ["--master-addr=127.0.0.1", f"--master-port={port}"]
+    args = ["-m", "lightning_ralora.train", f"hydra.run.dir={tmp_path}", "debug=fast", f"trainer={trainer}"]
+    args += ["trainer.num_nodes=2", "trainer.devices=1", "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    nodes = [
+        subprocess.Popen(
+            [*launch, f"--node-rank={n}", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for n in (0, 1)
+    ]
+    outs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs[0][-3000:] + outs[1][-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert len(set(results["adapter_state_digest_per_rank"])) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_load_on_rank0_keeps_other_ranks_free_of_the_pretrained_weights(tmp_path: Path, sft_file: Path) -> None:
+    """model.load_on_rank0: rank 1 builds a meta skeleton (0 bytes loaded) and receives its shards from rank 0
+    after fully_shard; training ends as with every rank loading the hub directory (save_pretrained format)."""
+    from lightning_ralora.data.tokenizer import byte_tokenizer
+    from lightning_ralora.modules.adapter_module import AdapterModule
+
+    from .conftest import make_cfg
+
+    cfg = make_cfg(tmp_path)
+    hub = tmp_path / "hub"
+    AdapterModule(cfg.model, cfg.task, cfg.adapter, cfg.optim).backbone.save_pretrained(hub)
+    byte_tokenizer().save_pretrained(hub)
+    common = ["debug=fast", "trainer=fsdp2", "task=sft", f"task.data_files={sft_file}", f"model.pretrained={hub}"]
+    common += [f"model.tokenizer={hub}", "model.config=null", "trainer.max_steps=4", "trainer.val_check_interval=4"]
+    every = _train(tmp_path / "every", *common)
+    rank0 = _train(tmp_path / "rank0", *common, "+model.load_on_rank0=true")
+    full_bytes = sum(f.stat().st_size for f in hub.glob("*.safetensors"))
+    loaded = {
+        run: json.loads((tmp_path / run / "load_bytes.json").read_text())["loaded_bytes_per_rank"]
+        for run in ("every", "rank0")
+    }
+    assert loaded["rank0"][1] == 0 and loaded["rank0"][0] == loaded["every"][1] > 0.9 * full_bytes
+    assert rank0["adapter_state_digest_per_rank"] == every["adapter_state_digest_per_rank"]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_mixed_precision_and_activation_checkpointing_train(tmp_path: Path) -> None:
+    """bf16 parameters with fp32 gradient reduction, blocks recomputed in backward: the run trains, ranks agree."""
+    opts = ["strategy.param_dtype=bfloat16", "strategy.reduce_dtype=float32", "strategy.activation_checkpointing=true"]
+    results = _train(tmp_path, "debug=fast", "trainer=fsdp2", *[f"trainer.{o}" for o in opts], "trainer.max_steps=4")
+    assert len(set(results["adapter_state_digest_per_rank"])) == 1
+    assert results["final_metrics"]["val/loss"] == results["final_metrics"]["val/loss"]  # not NaN
