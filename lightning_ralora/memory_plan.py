@@ -97,8 +97,9 @@ ARCH: dict[str, dict[str, Any]] = {
         "projection_dim": 512,
     },
 }
-# elements saved for backward per token and block: C_H·hidden + C_I·intermediate (C_I = 4 gated MLP, 2 plain)
-C_H, C_I_GATED, C_I_PLAIN = 11, 4, 2
+# elements saved for backward per token and block: C_H·hidden + C_I·intermediate (C_I = 4 gated MLP, 2 plain);
+# C_H = 9 counts a Llama block with SDPA (norm inputs/outputs, q, k, v, attention output, o_proj input)
+C_H, C_I_GATED, C_I_PLAIN = 9, 4, 2
 LOGIT_COPIES = 3  # fp32 logits, their log-softmax and its gradient (the loss's vocabulary-sized tensors)
 HALF = {"bf16": torch.bfloat16, "16": torch.float16}
 

@@ -31,6 +31,9 @@ class StorageBytes(TorchDispatchMode):
         super().__init__()
         self.live: dict[int, int] = {}
         self.now = self.peak = 0
+        self.add_all(tensors)
+
+    def add_all(self, tensors) -> None:
         for t in tensors:
             self.add(t)
 
@@ -67,11 +70,15 @@ def measured_peak(overrides: list[str]) -> int:
     with torch.no_grad():
         module.training_loss(batch)  # builds the task's teacher (not part of the model's memory)
     opt = torch.optim.AdamW(optimizer_groups(module.backbone, 1e-3))
+    teacher = [*module.task.teacher.parameters(), *module.task.teacher.buffers()]
     with StorageBytes([*module.backbone.parameters(), *module.backbone.buffers(), batch]) as meter:
+        held = meter.now
+        meter.add_all(teacher)
+        teacher_bytes = meter.now - held  # task=planted's teacher: constant, not part of the run's model memory
         module.training_loss(batch).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return meter.peak
+    return meter.peak - teacher_bytes
 
 
 @pytest.mark.parametrize("adapter", ["lora", "full"])
@@ -80,3 +87,50 @@ def test_peak_matches_a_measured_cpu_step(adapter: str) -> None:
     predicted = plan(compose_config(overrides, run_dir="/tmp/unused"))["peak"]
     measured = measured_peak(overrides)
     assert abs(predicted - measured) / measured < 0.15, (adapter, predicted, measured)
+
+
+def test_llama3_8b_offline_counts_and_sharding() -> None:
+    """The shipped 8B config plans offline (ARCH table): LoRA r=8 on the 7 projections has 20,971,520 parameters;
+    FSDP2 on 2 x 8 GPUs shards over 16, HSDP over one node's 8, DDP replicates."""
+    base = ["experiment=sds_math_llama", "trainer=fsdp2", "trainer.devices=8", "trainer.num_nodes=2"]
+    lora = plan(compose_config([*base, "adapter=lora"], run_dir="/tmp/unused"))
+    assert lora["params"]["adapter"] == 20_971_520 and lora["params"]["total"] == 8_030_261_248
+    assert lora["sharding"]["shard"] == 16
+    assert lora["bytes"]["frozen_weights"] == pytest.approx(8_030_261_248 * 2 / 16)
+    full = plan(compose_config([*base, "adapter=full"], run_dir="/tmp/unused"))
+    assert full["bytes"]["optimizer_state"] == pytest.approx(2 * 8_030_261_248 * 2 / 16)
+    assert (
+        sharding({"devices": 8, "num_nodes": 2, "strategy": {"_target_": "x.FSDP2Strategy", "hsdp": True}})["shard"]
+        == 8
+    )
+    assert sharding({"devices": 8, "num_nodes": 2, "strategy": "ddp"})["shard"] == 1
+
+
+def test_gid_warmup_is_full_model_plus_fp32_sums() -> None:
+    cfg = compose_config(["experiment=sds_math_llama", "adapter=ralora"], run_dir="/tmp/unused")
+    result = plan(cfg)
+    sums = result["params"]["targets"] * 4
+    assert sums / 2**30 == pytest.approx(26.0, abs=0.1)  # ≈ 28 GB of fp32 gradient sums for LLaMA3-8B
+    assert result["gid_warmup"] > sums + result["params"]["total"] * 2
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [("trainer.devices=auto", "trainer.devices"), ("model.pretrained=nobody/nothing", "model.pretrained")],
+)
+def test_bad_input_names_the_field(override: str, field: str) -> None:
+    cfg = compose_config(["experiment=sds_math_llama", override], run_dir="/tmp/unused")
+    with pytest.raises(ConfigError, match=field):
+        plan(cfg)
+
+
+def test_cli_writes_json(tmp_path, monkeypatch, capsys) -> None:
+    import json
+    import sys
+
+    from lightning_ralora import memory_plan
+
+    monkeypatch.setattr(sys, "argv", ["lightning-ralora-plan-memory", f"hydra.run.dir={tmp_path}", "--json"])
+    memory_plan.main()
+    written = json.loads((tmp_path / "plan_memory.json").read_text())
+    assert json.loads(capsys.readouterr().out)["peak"] == written["peak"] > 0
