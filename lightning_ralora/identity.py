@@ -46,6 +46,7 @@ NON_IDENTITY: tuple[str, ...] = (
     "callbacks.lr_monitor",
     "callbacks.alignment",
     "callbacks.divergence",
+    "callbacks.gid_over_training",
     "eval.judge",
     "eval.batch_size",
     "eval.allow_code_execution",
