@@ -98,11 +98,12 @@ def identity_hash(keys: Mapping[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def run_label(cfg: DictConfig | Mapping[str, Any]) -> str:
-    """`<variant>-<model>-<task>-<hash>`: the readable part of a run's directory, W&B group and name."""
+def run_label(cfg: DictConfig | Mapping[str, Any], digest: str | None = None) -> str:
+    """`<variant>-<model>-<task>-<hash>`: the readable part of a run's directory, W&B group and name (`digest`:
+    the identity hash, when the caller has it)."""
     root = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
     names = [OmegaConf.select(root, f"{g}.name", default="?") for g in ("adapter", "model", "task")]
-    return "-".join([*map(str, names), identity_hash(identity_keys(root))])
+    return "-".join([*map(str, names), digest or identity_hash(identity_keys(root))])
 
 
 def identity_overrides(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
@@ -125,13 +126,9 @@ def checkpoint_identity(ckpt_path: str | Path) -> dict[str, Any] | None:
     """The identity a Lightning checkpoint was written under (None for checkpoints from before identities)."""
     import torch
 
-    path = Path(ckpt_path)
-    if path.is_dir():  # a distributed (sharded) checkpoint: its metadata lives beside the shards
-        meta = path / "meta.pt"
-        if not meta.is_file():
-            return None
-        path = meta
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    from .modules.adapter_module import checkpoint_metadata_file  # a sharded checkpoint: its meta.pt
+
+    ckpt = torch.load(checkpoint_metadata_file(ckpt_path), map_location="cpu", weights_only=True, mmap=True)
     return ckpt.get(IDENTITY_KEY) if isinstance(ckpt, Mapping) else None
 
 

@@ -61,14 +61,6 @@ def _user_set(path: str, keys: list[tuple[str, bool]]) -> bool:
     return False
 
 
-def command_line(cfg: DictConfig) -> list[str]:
-    """The run's command-line overrides: `cfg.overrides` (Hydra's task overrides, or compose_config's list)."""
-    try:
-        return [str(o) for o in (cfg.get("overrides") or [])]
-    except Exception:  # ${hydra:...} outside a Hydra run and not set by compose_config
-        return []
-
-
 def apply_method_settings(cfg: DictConfig, overrides: list[str] | None = None) -> DictConfig:
     """Merge `cfg.methods[cfg.adapter.name]` into a copy of `cfg`, keeping the keys set in `overrides`
     (default: the command line's, `cfg.overrides`)."""
@@ -87,6 +79,8 @@ def apply_method_settings(cfg: DictConfig, overrides: list[str] | None = None) -
     entry = table[name]  # a plain dict: interpolations such as ${mul:2,${adapter.r}} stay strings
     if not isinstance(entry, dict):
         raise ConfigError([f"methods.{name} must be a mapping of config overrides, got {entry!r}"])
+    from .identity import command_line
+
     keys = _override_keys(command_line(cfg) if overrides is None else overrides)
     kept, applied = [], {}
     for path, value in _leaves(entry):

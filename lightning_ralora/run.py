@@ -42,12 +42,11 @@ def compose_config(overrides: Sequence[str] = (), run_dir: str | Path | None = N
 def run_identity(cfg: DictConfig) -> dict[str, Any]:
     """The run's identity (identity.py): hash, label `<variant>-<model>-<task>-<hash>`, the identity overrides and
     keys; what results.json, the checkpoint and W&B carry."""
-    from .identity import identity_hash, identity_keys, identity_overrides
+    from .identity import identity_hash, identity_keys, identity_overrides, run_label
 
     keys = identity_keys(cfg)
     digest = identity_hash(keys)
-    label = f"{cfg.adapter.name}-{cfg.model.name}-{cfg.task.name}-{digest}"
-    return {"hash": digest, "label": label, "overrides": identity_overrides(cfg), "keys": keys}
+    return {"hash": digest, "label": run_label(cfg, digest), "overrides": identity_overrides(cfg), "keys": keys}
 
 
 def run_names(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -202,9 +201,12 @@ def results_record(
     digests: Mapping[str, list[str]],
     wall_time_s: float,
     fit_stats: Mapping[str, Any] | None = None,
+    identity: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything results.json holds about a finished run (the one place its keys are defined). `fit_stats`: the
-    training phase's own time and peak memory (`fit_time_s`, `peak_memory_*`), taken before validation and eval."""
+    training phase's own time and peak memory (`fit_time_s`, `peak_memory_*`), taken before validation and eval;
+    `identity` the run identity (computed here when not given)."""
+    identity = identity or run_identity(cfg)
     return {
         "variant": cfg.adapter.name,
         "model": cfg.model.name,
@@ -226,7 +228,8 @@ def results_record(
         **(fit_stats or peak_memory()),
         "host": socket.gethostname(),
         "status": "completed",
-        "wandb": run_names(cfg),
+        "identity": dict(identity),
+        "wandb": run_names(cfg, identity),
         "config": redact(OmegaConf.to_container(cfg, resolve=True)),
     }
 

@@ -103,8 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         digests = rank_digests(module)
         final = trainer.validate(module, datamodule=datamodule, verbose=False)
         eval_metrics = run_test_stage(trainer, module, eval_jobs, cfg.eval, run_dir) if eval_jobs else None
-        results = results_record(cfg, trainer, module, final, digests, time.time() - start, fit_stats)
-        results["identity"] = identity
+        results = results_record(cfg, trainer, module, final, digests, time.time() - start, fit_stats, identity)
         if eval_metrics is not None:
             results["eval"] = eval_metrics
         if cfg.get("export"):  # every rank: under FSDP2 the merge gathers the shards; rank 0 writes

@@ -117,17 +117,20 @@ CASES = {
 }
 
 
+# 10 deterministic steps with a checkpoint after each: the run every mid-epoch crash/resume test compares with
+MID_EPOCH_RUN = [
+    "task.train_size=40",
+    "trainer.max_steps=10",
+    "trainer.val_check_interval=3",
+    "callbacks.checkpoint.every_n_train_steps=1",
+    "deterministic=true",
+]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path: Path, case: str) -> None:
     adapter, crash_at = CASES[case]
-    common = [
-        *adapter,
-        "task.train_size=40",
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=3",
-        "callbacks.checkpoint.every_n_train_steps=1",
-        "deterministic=true",
-    ]
+    common = [*adapter, *MID_EPOCH_RUN]
     full = _run(tmp_path / "full", common)
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(tmp_path / "resumed", common, crash_at=crash_at)

@@ -18,7 +18,7 @@ from lightning_ralora.rank.estimate import GIDStat
 from lightning_ralora.rank.rules import build_gralora_plan, grid_for
 from lightning_ralora.run import CONF_DIR
 from tests.conftest import make_cfg
-from tests.test_exact_resume import _adapter_state, _run
+from tests.test_exact_resume import MID_EPOCH_RUN, _adapter_state, _run
 
 MODELS = sorted(OmegaConf.load(Path(CONF_DIR) / "debug" / "rehearsal.yaml").rehearsal.models)
 
@@ -87,11 +87,7 @@ def test_k_auto_is_resumed_exactly_from_its_checkpointed_plan(tmp_path: Path) ->
         "adapter.block_r_min=1",
         "adapter.gid_batches=2",
         "task.loss=layer",
-        "task.train_size=40",
-        "trainer.max_steps=10",
-        "trainer.val_check_interval=3",
-        "callbacks.checkpoint.every_n_train_steps=1",
-        "deterministic=true",
+        *MID_EPOCH_RUN,
     ]
     full = _run(tmp_path / "full", common)
     with pytest.raises(RuntimeError, match="simulated crash"):
