@@ -1,4 +1,4 @@
-"""GID-aligned GraLoRA (`adapter=gralora_auto`, i.e. `adapter=gralora adapter.k=auto`, issue 16 item 8): the rule
+"""GID-aligned GraLoRA (`adapter=gralora_auto`, i.e. `adapter=gralora adapter.k=auto`): the rule
 against a brute-force search, a valid plan on every shipped model config, and an exact resume from the stored plan."""
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from lightning_ralora.run import CONF_DIR, build_loggers, compose_config, run_id
 
 REPO = Path(__file__).resolve().parents[1]
 
-ADAPTERS_BEFORE = {  # conf/adapter/* as composed before the yamls inherited (issue 11), resolved
+ADAPTERS_BEFORE = {  # conf/adapter/* as composed before the yamls inherited, resolved
     "dora": {
         "alpha": 16,
         "dropout": 0.0,

@@ -1,4 +1,4 @@
-"""Claims test beds (issue 16): planted profiles, ceilings against brute-force fits of the real adapter layers, the
+"""Claims test beds: planted profiles, ceilings against brute-force fits of the real adapter layers, the
 layer-local loss against its closed-form gradient, GID accuracy, and the RaLoRA claim and its control."""
 
 from __future__ import annotations
