@@ -135,7 +135,7 @@ def test_wandb_gets_config_once_artifacts_and_structure_table(tmp_path: Path, mo
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     run = tmp_path / "run"
     results = train(make_cfg(run, ["wandb.mode=offline", "logger=wandb"]))
-    log = next((run / "wandb").glob("offline-run-*/run-*.wandb")).read_bytes()  # W&B's transaction log
+    log = _settled(next((run / "wandb").glob("offline-run-*/run-*.wandb")))  # W&B's transaction log
     assert b"identity" in log and results["identity"]["hash"].encode() in log
     assert b"model_cfg" not in log and b"adapter_cfg" not in log
     assert f"run-{results['wandb']['id']}".encode() in log and b"results.json" in log  # the run artifact
@@ -152,3 +152,18 @@ def test_cli_resume_with_a_changed_identity_exits_2_naming_the_key(tmp_path: Pat
     ckpt = tmp_path / "checkpoints" / "last.ckpt"
     res = run_cli(tmp_path, "debug=fast", "adapter.r=16", f"ckpt_path={ckpt}")
     assert res.returncode == 2 and "adapter.r: 4 -> 16" in res.stderr and "Traceback" not in res.stderr
+
+
+def _settled(path: Path, timeout_s: float = 60.0) -> bytes:
+    """The file's bytes once W&B's background writer has stopped appending to it (it may still be flushing when
+    `wandb.finish` returns)."""
+    import time
+
+    deadline, last = time.monotonic() + timeout_s, b""
+    while time.monotonic() < deadline:
+        data = path.read_bytes()
+        if data and data == last:
+            return data
+        last = data
+        time.sleep(1.0)
+    return last
