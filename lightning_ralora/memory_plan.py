@@ -159,7 +159,8 @@ def count_params(model: Mapping[str, Any], task: Mapping[str, Any], adapter: Map
     full += find_modules(skeleton, extra_mods) if extra_mods else []
     targets = find_targets(skeleton, adapter.get("target_modules") or model["target_modules"], exclude=full)
     total = sum(p.numel() for p in skeleton.parameters())
-    target_n = sum(skeleton.get_submodule(t).weight.numel() for t in targets)
+    target_sizes = {t: skeleton.get_submodule(t).weight.numel() for t in targets}
+    target_n = sum(target_sizes.values())
     head_n = sum(p.numel() for n in full for p in skeleton.get_submodule(n).parameters())
     blocks = [m for m in skeleton.modules() if type(m).__name__ in block_module_names(skeleton)]
     block_n = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=total)
@@ -177,6 +178,7 @@ def count_params(model: Mapping[str, Any], task: Mapping[str, Any], adapter: Map
         "total": total,
         "targets": target_n,
         "target_modules": len(targets),
+        "target_sizes": target_sizes,
         "full_modules": head_n,
         "adapter": adapter_n,
         "block": block_n,
@@ -226,6 +228,19 @@ def sharding(trainer: Mapping[str, Any]) -> dict[str, Any]:
     if dp % shard:
         raise ConfigError([f"trainer.strategy.shard_size={shard} does not divide the data-parallel size {dp}"])
     return {"strategy": target.rsplit(".", 1)[-1], "world": world, "shard": shard, "sharded": shard > 1, **s}
+
+
+def gid_warmup_bytes(n: Mapping[str, Any], world: int, dtype: torch.dtype, rank0_only: bool = False) -> int:
+    """Weights and gradient memory of the GID warm-up on its busiest rank: the full model, the fp32 sums this rank
+    owns (rank.estimate.assign_owners over `world`; all of them when one rank runs it, as with load_on_rank0),
+    one block's gradient and one fp32 copy of the largest target's gradient (half-precision models)."""
+    from .rank.estimate import assign_owners
+
+    sizes = n["target_sizes"]
+    owners = assign_owners(sizes, 1 if rank0_only else max(world, 1))
+    sums = max(sum(v for t, v in sizes.items() if owners[t] == r) for r in set(owners.values())) if sizes else 0
+    upcast = max(sizes.values(), default=0) * 4 if _bytes(dtype) < 4 else 0
+    return n["total"] * _bytes(dtype) + sums * 4 + n["block"] * _bytes(dtype) + upcast
 
 
 def tokens_per_step(task: Mapping[str, Any], dims: Mapping[str, int]) -> tuple[int, int]:
@@ -285,9 +300,9 @@ def plan(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     grads_act = b["activations"] + b["gradients"] if accumulate else max(b["activations"], b["gradients"])
     peak = static + b["fsdp_buffers"] + grads_act
     gid = None
-    if adapter.get("needs_gid"):  # before sharding: the full model, fp32 sums of every target, one batch
-        gid_full = n["total"] * _bytes(base_dtype) + n["targets"] * 4
-        gid = gid_full + layers * per_block * tokens * cb + logits + n["block"] * wb
+    if adapter.get("needs_gid") or adapter.get("k") == "auto":  # the warm-up before sharding
+        gid = gid_warmup_bytes(n, shard["world"], base_dtype, bool(model.get("load_on_rank0")))
+        gid += layers * per_block * tokens * cb + logits
     return {
         "model": model.get("name"),
         "variant": adapter.get("name"),
@@ -319,8 +334,9 @@ ASSUMPTIONS = [
     "gradients appear in backward; with accumulate_grad_batches > 1 gradients live through the next forward "
     "(peak = weights + optimizer + FSDP buffers + activations + gradients)",
     "FSDP buffers: 2 all-gathered blocks (prefetch) in the compute dtype (+ one block of gradients for full FT)",
-    "GID warm-up (before sharding): full model + fp32 gradient sums of every target + one block's gradient + "
-    "the activations of one batch",
+    "GID warm-up (before sharding, busiest rank): full model + the fp32 gradient sums this rank owns (each "
+    "target's sum lives on one rank, balanced by size; all of them on rank 0 with model.load_on_rank0) + one "
+    "block's gradient + an fp32 copy of the largest target's gradient + the activations of one batch",
     "ignored: allocator fragmentation and caching, CUDA context (~0.5 GiB), NCCL buffers, the teacher of "
     "task=planted, optimizer-step temporaries, dataloader pinned memory",
 ]

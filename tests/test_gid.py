@@ -41,6 +41,7 @@ from lightning_ralora.gid import (
 )
 from lightning_ralora.gid_profile import profile, spearman
 from lightning_ralora.plan import AdapterPlan
+from lightning_ralora.rank.estimate import assign_owners
 from tests.helpers import adapter_cfg, mlp
 
 PNG_MAGIC = b"\x89PNG"
@@ -485,6 +486,7 @@ import sys, torch, torch.distributed as dist
 from torch import nn
 from lightning_ralora.gid import estimate_gid
 rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+shard = sys.argv[5] == "1"
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
@@ -494,16 +496,20 @@ mine = batches[rank::world][:2]  # rank_shard's rule; uneven on purpose: rank 0 
 def mse(m, b):
     return (m(b[0]) - b[1]).pow(2).mean()
 info = {}
-stats = estimate_gid(model, mine, mse, ["0", "2"], keep_grads=True, info=info)
-torch.save({"grads": {n: s.grad for n, s in stats.items()}, "info": info}, f"{out}/rank{rank}.pt")
+stats = estimate_gid(model, mine, mse, ["0", "2"], keep_grads=True, info=info, shard_sums=shard)
+blob = {"grads": {n: s.grad for n, s in stats.items()}, "erank": {n: s.erank for n, s in stats.items()}, "info": info}
+torch.save(blob, f"{out}/rank{rank}.pt")
 dist.destroy_process_group()
 """
 
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_all_reduce_matches_single_process_mean(tmp_path) -> None:
-    """Two gloo processes, uneven shards: both end with the one-process mean over all 3 batches."""
+@pytest.mark.parametrize("shard", [True, False], ids=["sharded_sums", "all_reduced_sums"])
+def test_all_reduce_matches_single_process_mean(tmp_path, shard: bool) -> None:
+    """Two gloo processes, uneven shards: both end with the one-process mean over all 3 batches. Sharded sums:
+    each target's fp32 sum lives on its owner only (the 5x6 weight's 120 bytes on rank 0, the 3x5 one's 60 bytes
+    on rank 1), and the rank short of a batch joins the reduces with a zero contribution."""
     import socket
     import subprocess
     import sys
@@ -515,7 +521,7 @@ def test_all_reduce_matches_single_process_mean(tmp_path) -> None:
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _DDP_WORKER, str(r), "2", str(port), str(tmp_path)],
+            [sys.executable, "-c", _DDP_WORKER, str(r), "2", str(port), str(tmp_path), str(int(shard))],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -528,11 +534,30 @@ def test_all_reduce_matches_single_process_mean(tmp_path) -> None:
         assert p.returncode == 0, err
     assert list(rank_shard(range(3), 0, 2, 2)) == [0, 2] and list(rank_shard(range(3), 1, 2, 2)) == [1]  # workers
     single = estimate_gid(_tiny(), _batches(3), _mse, ["0", "2"], keep_grads=True)
+    per_rank = [4 * (5 * 6), 4 * (3 * 5)] if shard else [4 * (5 * 6 + 3 * 5)] * 2
     for rank in range(2):
         blob = torch.load(tmp_path / f"rank{rank}.pt")
-        assert blob["info"] == {"batches_local": 2 - rank, "batches_total": 3, "world_size": 2}
+        assert blob["info"] == {
+            "batches_local": 2 - rank,
+            "batches_total": 3,
+            "world_size": 2,
+            "sharded": shard,
+            "sum_bytes_local": per_rank[rank],
+            "sum_bytes_per_rank": per_rank,
+        }
         for name in ("0", "2"):
             torch.testing.assert_close(blob["grads"][name], single[name].grad, rtol=1e-5, atol=1e-7)
+            assert blob["erank"][name] == pytest.approx(single[name].erank, rel=1e-5)
+
+
+def test_assign_owners_balances_bytes_deterministically() -> None:
+    """Largest first to the least-loaded rank: hand-computed owners; every rank within one target of the mean."""
+    sizes = {"q": 16, "k": 4, "v": 4, "o": 16, "up": 64, "down": 64}
+    assert assign_owners(sizes, 2) == {"up": 0, "down": 1, "q": 0, "o": 1, "k": 0, "v": 1}
+    assert assign_owners(sizes, 1) == dict.fromkeys(sizes, 0)
+    owners = assign_owners(sizes, 3)
+    loads = [sum(v for n, v in sizes.items() if owners[n] == r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(sizes.values())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -724,3 +749,46 @@ def test_gid_warmup_rejects_bad_batches_and_cfg() -> None:
     module = _Module(_cfg("ralora", n_max=3), None)
     with pytest.raises(ValueError, match=r"adapter\.n_max must be a power of two"):
         GIDWarmup().setup(_trainer(), module, "fit")
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_warmup_shards_sums_and_runs_on_rank0_alone_with_load_on_rank0(tmp_path, sft_file) -> None:
+    """trainer=fsdp2, 2 ranks, RaLoRA on a hub directory. Every rank loading: the fp32 sums are split between the
+    ranks (bytes per rank sum to every target's fp32 size, neither rank holds them all). model.load_on_rank0: rank 1
+    loads nothing, rank 0 runs the whole warm-up (the same 2 x 2 batches) alone; the plans and the trained
+    adapters agree."""
+    import json
+
+    from lightning_ralora.data.tokenizer import byte_tokenizer
+    from lightning_ralora.modules.adapter_module import AdapterModule
+
+    from .conftest import make_cfg, run_cli
+
+    cfg = make_cfg(tmp_path)
+    hub = tmp_path / "hub"
+    module = AdapterModule(cfg.model, cfg.task, cfg.adapter, cfg.optim)
+    module.backbone.save_pretrained(hub)
+    byte_tokenizer().save_pretrained(hub)
+    common = ["debug=fast", "trainer=fsdp2", "task=sft", f"task.data_files={sft_file}", f"model.pretrained={hub}"]
+    common += [f"model.tokenizer={hub}", "model.config=null", "trainer.max_steps=2", "trainer.val_check_interval=2"]
+    common += ["adapter=ralora", "adapter.gid_batches=2"]
+    results = {}
+    for run, extra in (("every", []), ("rank0", ["+model.load_on_rank0=true"])):
+        res = run_cli(tmp_path / run, *common, *extra)
+        assert res.returncode == 0, res.stderr[-3000:]
+        results[run] = json.loads((tmp_path / run / "results.json").read_text())
+    every, rank0 = (results[r]["plan"]["meta"] for r in ("every", "rank0"))
+    target_bytes = 4 * sum(module.backbone.get_submodule(t).weight.numel() for t in module.targets)
+    assert every["gid_sums_sharded"] and sum(every["gid_sum_bytes_per_rank"]) == target_bytes
+    assert max(every["gid_sum_bytes_per_rank"]) < target_bytes
+    assert rank0["gid_rank0_only"] and rank0["gid_sum_bytes_per_rank"] == [target_bytes]
+    assert every["gid_batches_total"] == rank0["gid_batches_total"] == 4
+    loaded = json.loads((tmp_path / "rank0" / "load_bytes.json").read_text())["loaded_bytes_per_rank"]
+    assert loaded[1] == 0 and loaded[0] > 0
+    a, b = (results[r]["plan"]["entries"] for r in ("every", "rank0"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name]["erank"] == pytest.approx(b[name]["erank"], rel=1e-4)
+        assert a[name]["spec"] == b[name]["spec"]
+    assert results["every"]["adapter_state_digest_per_rank"] == results["rank0"]["adapter_state_digest_per_rank"]

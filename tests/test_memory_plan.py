@@ -106,12 +106,21 @@ def test_llama3_8b_offline_counts_and_sharding() -> None:
     assert sharding({"devices": 8, "num_nodes": 2, "strategy": "ddp"})["shard"] == 1
 
 
-def test_gid_warmup_is_full_model_plus_fp32_sums() -> None:
-    cfg = compose_config(["experiment=sds_math_llama", "adapter=ralora"], run_dir="/tmp/unused")
-    result = plan(cfg)
-    sums = result["params"]["targets"] * 4
-    assert sums / 2**30 == pytest.approx(26.0, abs=0.1)  # ≈ 28 GB of fp32 gradient sums for LLaMA3-8B
-    assert result["gid_warmup"] > sums + result["params"]["total"] * 2
+def test_gid_warmup_shards_its_fp32_sums_over_the_ranks() -> None:
+    """One device holds every target's fp32 sum (26 GiB for LLaMA3-8B) beside the full model; 2 x 8 ranks hold
+    each about 1/16 of them (at most one target more, the owner balance); load_on_rank0 puts them all on rank 0."""
+    base = ["experiment=sds_math_llama", "adapter=ralora"]
+    one = plan(compose_config(base, run_dir="/tmp/unused"))
+    sums = one["params"]["targets"] * 4
+    assert sums / 2**30 == pytest.approx(26.0, abs=0.1)
+    assert one["gid_warmup"] > sums + one["params"]["total"] * 2
+    many = [*base, "trainer=fsdp2", "trainer.devices=8", "trainer.num_nodes=2"]
+    sixteen = plan(compose_config(many, run_dir="/tmp/unused"))
+    owned = sums - (one["gid_warmup"] - sixteen["gid_warmup"])  # the busiest rank's sums
+    largest = 4096 * 14336 * 4  # gate/up_proj's fp32 sum
+    assert sums / 16 <= owned <= sums / 16 + largest
+    rank0 = plan(compose_config([*many, "+model.load_on_rank0=true"], run_dir="/tmp/unused"))
+    assert rank0["gid_warmup"] == one["gid_warmup"]
 
 
 @pytest.mark.parametrize(

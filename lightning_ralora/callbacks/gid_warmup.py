@@ -112,9 +112,33 @@ class GIDWarmup(L.Callback):
         raise RuntimeError("GIDWarmup needs a training dataloader (a datamodule or train_dataloaders in fit)")
 
     def estimate_plan(self, trainer: L.Trainer, pl_module: L.LightningModule, cfg: dict[str, Any]) -> AdapterPlan:
-        """Run the warm-up on this rank's shard, all-reduce, build the plan and make it identical on every rank."""
+        """Run the warm-up on this rank's shard (each target's fp32 sum reduced to one owner rank), build the plan
+        and make it identical on every rank. With `model.load_on_rank0` only rank 0 holds the weights, so rank 0
+        runs all N x world batches alone while the others wait for its plan."""
         n = int(cfg.get("gid_batches", self.batches))
         rank, world = trainer.global_rank, trainer.world_size
+        alone = bool(getattr(pl_module, "load_on_rank0", False)) and world > 1
+        plan_dict = None
+        if rank == 0 or not alone:
+            plan = self._estimate(trainer, pl_module, cfg, *((0, 1, n * world) if alone else (rank, world, n)))
+            plan.meta.update(gid_N_per_rank=n, world_size=world, gid_rank0_only=alone)
+            plan_dict = plan.to_dict()
+        # the statistics are identical on every rank (all-reduced / gathered); broadcasting rank 0's plan also
+        # removes any doubt about last-bit differences near a block-count boundary (and makes the timings agree)
+        plan = AdapterPlan.from_dict(trainer.strategy.broadcast(plan_dict, src=0))
+        self._summary = {
+            k: plan.meta.get(k)
+            for k in ("gid_N_per_rank", "gid_batches_total", "gid_batch_size", "world_size", "gid_rank0_only")
+        }
+        self._summary["gid_sum_bytes_per_rank"] = plan.meta.get("gid_sum_bytes_per_rank")
+        self._summary["gid_peak_memory_bytes"] = plan.meta.get("gid_peak_memory_bytes")
+        return plan
+
+    def _estimate(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, cfg: dict[str, Any], rank: int, world: int, n: int
+    ) -> AdapterPlan:
+        """The warm-up over batches rank, rank+world, ... (n of them) of the training loader; `world` = 1 means
+        this process alone (no collective)."""
         device = trainer.strategy.root_device
         pl_module.to(device)
         backbone = pl_module.backbone
@@ -128,9 +152,11 @@ class GIDWarmup(L.Callback):
                 yield move_data_to_device(batch, device)
 
         info: dict[str, Any] = {}
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         # fork the RNG: shuffling and dropout here must not shift the adapter init or the data order of training
-        cuda = [device.index or 0] if device.type == "cuda" else []
         # the training forward's autocast (bf16), except fp16 AMP: without its loss scaler, small gradients
         # would underflow, so the warm-up runs in fp32 there
         fp16_amp = str(trainer.precision).startswith("16")
@@ -138,7 +164,12 @@ class GIDWarmup(L.Callback):
         # train mode (dropout active), as the RaLoRA authors' warm-up; every submodule's mode is restored after
         with torch.random.fork_rng(devices=cuda), ctx, warmup_train_mode(backbone) as mode:
             stats = estimate_gid(
-                backbone, batches(), lambda model, batch: pl_module.training_loss(batch), pl_module.targets, info=info
+                backbone,
+                batches(),
+                lambda model, batch: pl_module.training_loss(batch),
+                pl_module.targets,
+                world_reduce=world > 1,
+                info=info,
             )
         self.seconds = time.perf_counter() - t0
         if info.get("batches_total", 0) < n * world:
@@ -152,24 +183,19 @@ class GIDWarmup(L.Callback):
             shapes[name] = (int(lin.out_features), int(lin.in_features))
         plan = self.build_plan(stats, shapes, cfg)
         plan.meta.update(
-            gid_N_per_rank=n,
             gid_batches_total=info.get("batches_total"),
             gid_batch_size=seen.get("batch_size"),
-            world_size=world,
             gid_seconds=self.seconds,
+            gid_sums_sharded=info.get("sharded"),
+            gid_sum_bytes_per_rank=info.get("sum_bytes_per_rank"),
+            gid_peak_memory_bytes=int(torch.cuda.max_memory_allocated(device)) if cuda else None,
             gid_train_mode=mode["train_mode"],
             gid_dropout_modules_active=mode["dropout_modules_active"],
             gid_dropout_config=mode["dropout_config"],
             gid_precision="32-true" if fp16_amp else str(trainer.precision),
             gid_stats={k: v.to_dict(with_sigma=False) for k, v in stats.items()},
         )
-        # the statistics are already all-reduced; broadcasting rank 0's plan also removes any doubt about
-        # last-bit differences in the SVD near a block-count boundary (and makes the timing fields agree)
-        plan = AdapterPlan.from_dict(trainer.strategy.broadcast(plan.to_dict(), src=0))
         self._stats = stats
-        self._summary = {
-            k: plan.meta[k] for k in ("gid_N_per_rank", "gid_batches_total", "gid_batch_size", "world_size")
-        }
         return plan
 
     def build_plan(self, stats: dict[str, Any], shapes: dict[str, tuple[int, int]], cfg: dict[str, Any]) -> AdapterPlan:

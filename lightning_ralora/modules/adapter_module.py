@@ -144,11 +144,8 @@ class AdapterModule(L.LightningModule):
         self.task = TASKS[task_cfg["name"]](task_cfg, model_cfg, seed)
         # from_pretrained returns an eval-mode model: train in train mode (dropout on); validation switches to eval
         # model.load_on_rank0 (FSDP2): only rank 0 reads the pretrained weights, the others build a meta skeleton
+        # (a GID warm-up then runs on rank 0 alone, callbacks/gid_warmup.py)
         self.load_on_rank0 = bool(self.model_cfg.get("load_on_rank0")) and bool(self.model_cfg.get("pretrained"))
-        if self.load_on_rank0 and self.adapter_cfg.get("needs_gid"):
-            raise ValueError(
-                "model.load_on_rank0=true with a GID warm-up adapter: the warm-up needs the weights on every rank"
-            )
         load = load_backbone_rank0 if self.load_on_rank0 else load_backbone
         self.backbone, fresh = load(self.model_cfg, self.task.extra_model_config())
         self.loaded_bytes = host_bytes(self.backbone)  # bytes of pretrained/initial weights this rank holds

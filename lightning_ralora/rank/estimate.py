@@ -88,6 +88,42 @@ def warmup_train_mode(model: nn.Module) -> Iterator[dict[str, Any]]:
             m.training = mode
 
 
+def assign_owners(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Each target's owner rank for sharded GID sums: largest first, to the least-loaded rank (ties: the lower
+    rank, targets in their given order), so every rank holds about 1/world of the sums. Deterministic."""
+    load = [0] * world
+    owners: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):  # sorted is stable: equal sizes keep the target order
+        rank = min(range(world), key=lambda i: (load[i], i))
+        owners[name] = rank
+        load[rank] += sizes[name]
+    return owners
+
+
+def _reduce_ints(values: list[int], op: Any, device: torch.device) -> list[int]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t, op=op)
+    return [int(v) for v in t.tolist()]
+
+
+def _measure(name: str, g: torch.Tensor, w: torch.Tensor, svd_method: str, keep_grads: bool) -> GIDStat:
+    """The GID statistics of one averaged gradient Ḡ (finite) of weight w."""
+    sigma = singular_values(g, svd_method).cpu()
+    warning = None
+    if not bool(sigma.sum() > 0):
+        warning = f"GID: module {name!r} has an all-zero warm-up gradient; its erank is reported as 1"
+        warnings.warn(warning, stacklevel=3)
+    return GIDStat(
+        erank=effective_rank(sigma),
+        importance=float((w.detach().float() * g).abs().mean()),
+        sigma=sigma,
+        grad_norm=float(g.norm()),
+        shape=(int(g.shape[0]), int(g.shape[1])),
+        warning=warning,
+        grad=g.cpu() if keep_grads else None,
+    )
+
+
 def estimate_gid(
     model: nn.Module,
     batches: Iterable[Any],
@@ -97,16 +133,21 @@ def estimate_gid(
     svd_method: str = "svdvals",
     keep_grads: bool = False,
     info: dict[str, Any] | None = None,
+    shard_sums: bool = True,
 ) -> dict[str, GIDStat]:
     """Average each target weight's full gradient over the warm-up batches and measure its spectrum (docs/maths.md §2).
 
     Only the target weights require grad while this runs; no optimizer step is taken. Each gradient is folded
-    into an fp32 running sum by a post-accumulate hook and freed at once (peak memory: the sums, not the sums
-    plus every target's gradient). Under torch.distributed the sums and batch counts are all-reduced (SUM, so
-    gloo works too): Ḡ is the mean over every rank's batches and identical everywhere. Afterwards every
-    requires_grad flag is restored and the target gradients are None. The model runs in its current train/eval
-    mode (the callers wrap this in `warmup_train_mode`).
-    `info`, if given, receives batches_local, batches_total and world_size.
+    into an fp32 running sum by a post-accumulate hook and freed at once. Under torch.distributed (world_reduce)
+    Ḡ is the mean over every rank's batches and every rank returns the same statistics:
+    - `shard_sums` (default): each target's sum lives on one owner rank (`assign_owners`): its gradient is
+      reduced (SUM) to the owner inside the hook, batch by batch, and the owner alone measures it; the statistics
+      are then gathered everywhere. A rank holds ≈ 1/world of the fp32 sums. Ranks with fewer batches join the
+      collectives with zero contributions (a rank with none falls back to the unsharded path on every rank).
+    - otherwise every rank holds every sum and they are all-reduced once at the end.
+    Afterwards every requires_grad flag is restored and the target gradients are None. The model runs in its
+    current train/eval mode (the callers wrap this in `warmup_train_mode`). `info`, if given, receives
+    batches_local, batches_total, world_size, sharded, sum_bytes_local and sum_bytes_per_rank.
     """
     if not targets:
         raise ValueError("estimate_gid: no target modules given")
@@ -116,13 +157,29 @@ def estimate_gid(
         if not isinstance(w, torch.Tensor) or w.dim() != 2:
             raise ValueError(f"estimate_gid: target {name!r} has no 2-D .weight")
         weights[name] = w
+    dist = torch.distributed
+    world = _dist_world() if world_reduce else 1
+    rank = dist.get_rank() if world > 1 else 0
+    dev = next(iter(weights.values())).device
+    passes = None  # sharded: backward passes every rank runs (the most any rank has)
+    if world > 1 and shard_sums:
+        batches = list(batches)
+        fewest, most = _reduce_ints([len(batches), -len(batches)], dist.ReduceOp.MIN, dev)
+        passes = -most if fewest > 0 else None
+    owners = assign_owners({n: w.numel() for n, w in weights.items()}, world) if passes else dict.fromkeys(weights, 0)
+    mine = [n for n in weights if passes is None or owners[n] == rank]
     flags = {p: p.requires_grad for p in model.parameters()}
-    sums = {name: torch.zeros(w.shape, dtype=torch.float32, device=w.device) for name, w in weights.items()}
+    sums = {n: torch.zeros(weights[n].shape, dtype=torch.float32, device=weights[n].device) for n in mine}
+    real = [True]  # False while a rank short of batches replays one with a zero contribution
 
     def accumulate(name: str) -> Callable[[torch.Tensor], None]:
         def hook(w: torch.Tensor) -> None:  # fold each gradient into the fp32 sum as soon as it exists, then free it
-            sums[name].add_(w.grad.float())
+            g = w.grad.float() if real[0] else torch.zeros(w.shape, dtype=torch.float32, device=w.device)
             w.grad = None
+            if passes is not None:  # sharded: every rank reaches the targets' hooks in the same (autograd) order
+                dist.reduce(g, dst=owners[name], op=dist.ReduceOp.SUM)
+            if name in sums:
+                sums[name].add_(g)
 
         return hook
 
@@ -135,10 +192,12 @@ def estimate_gid(
             w.requires_grad_(True)
             w.grad = None
             handles.append(w.register_post_accumulate_grad_hook(accumulate(name)))
+        schedule = batches if passes is None else [batches[min(i, len(batches) - 1)] for i in range(passes)]
         with torch.enable_grad():
-            for batch in batches:
+            for i, batch in enumerate(schedule):
+                real[0] = passes is None or i < len(batches)
                 loss_fn(model, batch).backward()  # a target outside this loss's graph adds nothing (zero gradient)
-                count += 1
+                count += int(real[0])
     finally:
         for h in handles:
             h.remove()
@@ -148,51 +207,52 @@ def estimate_gid(
             w.grad = None
 
     total = count
-    if world_reduce and _dist_world() > 1:
-        dist = torch.distributed
-        dev = next(iter(sums.values())).device
-        n = torch.tensor([float(count)], dtype=torch.float64, device=dev)
-        dist.all_reduce(n, op=dist.ReduceOp.SUM)
-        total = int(n.item())
-        if total > 0:
+    if world > 1:
+        total = _reduce_ints([count], dist.ReduceOp.SUM, dev)[0]
+        if total > 0 and passes is None:
             for s in sums.values():
                 dist.all_reduce(s, op=dist.ReduceOp.SUM)
+    sum_bytes = sum(s.numel() * s.element_size() for s in sums.values())
+    per_rank: list[Any] = [sum_bytes]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, sum_bytes)
     if info is not None:
-        info.update(batches_local=count, batches_total=total, world_size=_dist_world() if world_reduce else 1)
+        info.update(
+            batches_local=count,
+            batches_total=total,
+            world_size=world,
+            sharded=passes is not None,
+            sum_bytes_local=sum_bytes,
+            sum_bytes_per_rank=per_rank,
+        )
     if total == 0:
         raise ValueError(
             "GID estimation got zero warm-up batches: set adapter.gid_batches >= 1 and make sure the "
             "training dataloader yields at least one batch"
         )
 
-    stats: dict[str, GIDStat] = {}
+    local: dict[str, GIDStat] = {}
     bad = []
-    for name, s in sums.items():
-        g = s.div_(total)
-        if not torch.isfinite(g).all():
+    for name in list(sums):
+        g = sums.pop(name).div_(total)  # measured and dropped one at a time
+        if torch.isfinite(g).all():
+            local[name] = _measure(name, g, weights[name], svd_method, keep_grads)
+        else:
             bad.append(name)
-            continue
-        w = weights[name].detach().float()
-        sigma = singular_values(g, svd_method).cpu()
-        warning = None
-        if not bool(sigma.sum() > 0):
-            warning = f"GID: module {name!r} has an all-zero warm-up gradient; its erank is reported as 1"
-            warnings.warn(warning, stacklevel=2)
-        stats[name] = GIDStat(
-            erank=effective_rank(sigma),
-            importance=float((w * g).abs().mean()),
-            sigma=sigma,
-            grad_norm=float(g.norm()),
-            shape=(int(g.shape[0]), int(g.shape[1])),
-            warning=warning,
-            grad=g.cpu() if keep_grads else None,
-        )
+        del g
+    if passes is not None:  # every rank gets every owner's statistics (and learns of any bad target)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (local, bad))
+        merged = {n: s for part, _ in gathered for n, s in part.items()}
+        local = {n: merged[n] for n in weights if n in merged}
+        bad = [n for n in weights if any(n in b for _, b in gathered)]
     if bad:
         raise NonFiniteGradientError(
             f"GID: the averaged warm-up gradient of {bad[:4]}{' and more' if len(bad) > 4 else ''} contains NaN "
             "or inf: check the loss on the warm-up batches (fp16/bf16 overflow?) before training"
         )
-    return stats
+    return local
 
 
 # torchmetrics' spearman_corrcoef divides the rank covariance by σ_rx·σ_ry + 1e-6 (an absolute guard)
