@@ -3,6 +3,7 @@ plus the sharding options `AdapterModule._shard` applies (HSDP mesh, mixed preci
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,35 @@ class FSDP2Strategy(ModelParallelStrategy):
             tp = 1 if self._tensor_parallel_size == "auto" else int(self._tensor_parallel_size)
             self._data_parallel_size = self.num_nodes * self.num_processes // tp
         super().setup_environment()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """With strict_loading off, a sharded checkpoint holding part of the model (adapter-only, of a pretrained
+        backbone) loads the tensors it has and the optimizers; the rest stays as built (the frozen base: hub)."""
+        import torch.distributed.checkpoint as dcp
+        from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
+        from lightning.fabric.utilities.load import _METADATA_FILENAME
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        path = Path(self.broadcast(checkpoint_path))
+        if self.lightning_module.strict_loading or not _is_sharded_checkpoint(path):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        model_state = {k: v for k, v in get_model_state_dict(self.model).items() if f"state_dict.{k}" in stored}
+        dcp.load({"state_dict": model_state}, checkpoint_id=path)
+        self.model.load_state_dict(model_state, strict=False)
+        for idx, optimizer in enumerate(self.optimizers):  # as Lightning: each optimizer's state, then set
+            optim_state = {f"optimizer_{idx}": get_optimizer_state_dict(self.model, optimizer)}
+            dcp.load(optim_state, checkpoint_id=path)
+            options = StateDictOptions(cpu_offload=True)
+            set_optimizer_state_dict(
+                self.model, optimizer, optim_state_dict=optim_state[f"optimizer_{idx}"], options=options
+            )
+        return torch.load(path / _METADATA_FILENAME, weights_only=weights_only)
 
     def shard_mesh(self):
         """The mesh fully_shard gets: the data-parallel mesh, or with `hsdp` a 2-D (replicate, shard) mesh."""
