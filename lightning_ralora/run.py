@@ -160,11 +160,11 @@ def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     }
 
 
-def _gather(value: str) -> list[str]:
+def _gather(value: Any) -> list[Any]:
     """One entry per rank (a single entry outside torch.distributed)."""
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
         return [value]
-    values: list[str] = [""] * torch.distributed.get_world_size()
+    values: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(values, value)
     return values
 
@@ -224,6 +224,7 @@ def results_record(
         "world_size": trainer.world_size,
         "structure_digest_per_rank": digests["structure"],
         "adapter_state_digest_per_rank": digests["adapter_state"],
+        "data_encoded_per_rank": _gather(getattr(trainer.datamodule, "encoded_examples", None)),  # rows each encoded
         "wall_time_s": wall_time_s,
         **(fit_stats or peak_memory()),
         "host": socket.gethostname(),

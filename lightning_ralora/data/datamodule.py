@@ -1,10 +1,10 @@
-"""A small LightningDataModule over in-memory datasets: what every task hands to the Trainer."""
+"""A small LightningDataModule over built or prepared-once-per-node datasets: what every task hands to the Trainer."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 import torch
@@ -91,32 +91,99 @@ class ResumableDataLoader(DataLoader):
             set_epoch(int(state["epoch"]))
 
 
+class DataSource(Protocol):
+    """Where a datamodule's examples come from when they are not given built: `prepare` runs on one process per
+    node (downloads, encoding into cache files), `load` on every process (reads what `prepare` left)."""
+
+    encoded_examples: int  # examples this process encoded itself (0 when it read them from the cache)
+
+    def prepare(self) -> None: ...
+
+    def load(self) -> tuple[Sequence[Any], Sequence[Any]]: ...
+
+
+class BuiltInSetup:
+    """A source with nothing to prepare: `build` makes (train, val) in memory on every process (synthetic data)."""
+
+    encoded_examples = 0
+
+    def __init__(self, build: Callable[[], tuple[Sequence[Any], Sequence[Any]]]) -> None:
+        self.build = build
+
+    def prepare(self) -> None:
+        """Nothing to download or cache."""
+
+    def load(self) -> tuple[Sequence[Any], Sequence[Any]]:
+        return self.build()
+
+
 class ListDataModule(L.LightningDataModule):
-    """Train/val datasets already built (seeded fixtures, or tokenized HF datasets) plus a collate function."""
+    """Train/val datasets plus a collate function: given built (seeded fixtures), or by a `source` that
+    Lightning's `prepare_data` (local rank 0 of each node) prepares and `setup` (every rank) loads, so a node
+    tokenizes its data once. The dataloaders prepare and set up by themselves when no Trainer did."""
 
     def __init__(
         self,
-        train: Sequence[Any],
-        val: Sequence[Any],
+        train: Sequence[Any] | None,
+        val: Sequence[Any] | None,
         batch_size: int,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         num_workers: int = 0,
         shuffle: bool = True,
         seed: int = 0,
+        source: DataSource | None = None,
     ) -> None:
         super().__init__()
-        self.train, self.val = train, val
+        if source is None and (train is None or val is None):
+            raise ValueError("ListDataModule needs train and val datasets, or a source to load them from")
+        self._train, self._val, self.source, self._prepared = train, val, source, False
         self.batch_size, self.collate_fn, self.num_workers, self.shuffle = batch_size, collate_fn, num_workers, shuffle
         self.seed = seed
 
+    @property
+    def encoded_examples(self) -> int:
+        """How many examples this process encoded itself (0 for a rank that read the node's cache)."""
+        return int(getattr(self.source, "encoded_examples", 0))
+
+    def prepare_data(self) -> None:
+        """Once per node (Lightning calls it on local rank 0 only): the source's downloads and encoding cache."""
+        if self.source is not None and not self._prepared:
+            self.source.prepare()
+        self._prepared = True
+
+    def setup(self, stage: str | None = None) -> None:
+        """Every rank, every stage: load the prepared datasets (once per process)."""
+        if self._train is None or self._val is None:
+            assert self.source is not None
+            self._train, self._val = self.source.load()
+
+    def _ready(self) -> None:
+        """Prepare and set up here when nobody did (a caller without a Trainer)."""
+        if self._train is None or self._val is None:
+            self.prepare_data()
+            self.setup()
+
+    @property
+    def train(self) -> Sequence[Any]:
+        self._ready()
+        assert self._train is not None
+        return self._train
+
+    @property
+    def val(self) -> Sequence[Any]:
+        self._ready()
+        assert self._val is not None
+        return self._val
+
     def train_dataloader(self) -> DataLoader:
+        train = self.train
         return ResumableDataLoader(
-            self.train,
+            train,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(self.train), self.seed) if self.shuffle else None,
+            sampler=EpochShuffleSampler(len(train), self.seed) if self.shuffle else None,
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
-            drop_last=len(self.train) >= self.batch_size,
+            drop_last=len(train) >= self.batch_size,
         )
 
     def val_dataloader(self) -> DataLoader:

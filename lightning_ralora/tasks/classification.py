@@ -21,7 +21,7 @@ from ..adapters.schema import is_int
 from ..data.datamodule import ListDataModule
 from ..data.tokenizer import load_tokenizer
 from .base import Task
-from .text_data import check_data_source, load_split
+from .text_data import EncodedText, check_data_source, tokenizer_key
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,11 @@ def eos_pooled(model_cfg: Mapping[str, Any]) -> bool:
     else:
         return False
     return model_type in EOS_POOLED_TYPES
+
+
+def _scalar(value: Any) -> Any:
+    """A label as a Python number (a 0-d tensor from a torch-formatted dataset, or the number itself)."""
+    return value.item() if isinstance(value, torch.Tensor) else value
 
 
 class ClassificationTask(Task):
@@ -152,30 +157,36 @@ class ClassificationTask(Task):
             raise ValueError(f"task.label_key={self.cfg.get('label_key', 'label')!r}: label {label} outside [0, {k})")
         return label
 
-    def _encode(self, rows) -> list[dict[str, Any]]:
+    def encode_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        """One data row as {input_ids, label}: `encode` of its text (and pair, GLUE), `label` of its label."""
         tk, lk, pk = self.cfg.get("text_key", "text"), self.cfg.get("label_key", "label"), self.cfg.get("text_pair_key")
-        return [
-            {
-                "input_ids": torch.tensor(self.encode(str(r[tk]), str(r[pk]) if pk else None)),  # pk: GLUE pairs
-                "label": self.label(r[lk]),
-            }
-            for r in rows
-        ]
+        return {"input_ids": self.encode(str(row[tk]), str(row[pk]) if pk else None), "label": self.label(row[lk])}
+
+    def encoding_key(self) -> dict[str, Any]:
+        """Everything besides the data that changes `encode_row`'s output (names the encoding cache)."""
+        keys = ("max_length", "text_key", "text_pair_key", "label_key", "num_labels")
+        return {
+            "task": self.name,
+            "tokenizer": tokenizer_key(self.tokenizer),
+            "needs_eos": self.needs_eos,
+            **{k: self.cfg.get(k) for k in keys},
+        }
 
     def collate(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad a list of {input_ids, label} into a batch with attention_mask and `labels` (float for regression)."""
         from transformers import DataCollatorWithPadding
 
         pad = DataCollatorWithPadding(self.tokenizer, return_tensors="pt")  # renames `label` to `labels`
-        batch = pad([{"input_ids": list(map(int, it["input_ids"])), "label": it["label"]} for it in items])
+        batch = pad([{"input_ids": list(map(int, it["input_ids"])), "label": _scalar(it["label"])} for it in items])
         if self.regression:
             batch["labels"] = batch["labels"].float()
         return batch
 
     def datamodule(self) -> L.LightningDataModule:
-        train, val = load_split(self.cfg, self.seed)
+        """Rows encoded by `encode_row`, once per node (Dataset.map cache; see EncodedText)."""
+        source = EncodedText(self.cfg, self.seed, self.encode_row, self.encoding_key(), ("input_ids",))
         return ListDataModule(
-            self._encode(train), self._encode(val), self.cfg["batch_size"], collate_fn=self.collate, seed=self.seed
+            None, None, self.cfg["batch_size"], collate_fn=self.collate, seed=self.seed, source=source
         )
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -62,6 +62,29 @@ def load_image_splits(cfg: Mapping[str, Any], seed: int):
     return parts["train"], parts["test"]
 
 
+class ImageSplits:
+    """The datamodule source of an image task: `prepare` (one process per node) loads the data so downloads and
+    the datasets cache are written once; `load` (every process) reads them back with the image and label columns."""
+
+    encoded_examples = 0  # nothing is encoded ahead: images are processed per batch
+
+    def __init__(self, cfg: Mapping[str, Any], seed: int) -> None:
+        self.cfg, self.seed = dict(cfg), seed
+
+    def prepare(self) -> None:
+        load_image_splits(self.cfg, self.seed)
+
+    def load(self) -> tuple[Any, Any]:
+        train, val = load_image_splits(self.cfg, self.seed)
+        keep = [self.cfg.get("image_key", "image"), self.cfg.get("label_key", "label")]
+        missing = [c for c in keep if c not in train.column_names]
+        if missing:
+            raise ValueError(
+                f"task.image_key/label_key: the data has no column {missing}; its columns: {train.column_names}"
+            )
+        return train.select_columns(keep), val.select_columns(keep)
+
+
 class ImageClassificationTask(Task):
     """`task=image_classification`: cross-entropy on the label column, the new head trained in full; validation
     reports top-1 accuracy (`acc`)."""
@@ -105,15 +128,12 @@ class ImageClassificationTask(Task):
         return {"pixel_values": self.pixel_values([it[ik] for it in items]), "labels": labels}
 
     def datamodule(self) -> L.LightningDataModule:
-        train, val = load_image_splits(self.cfg, self.seed)
-        keep = [self.cfg.get("image_key", "image"), self.cfg.get("label_key", "label")]
-        missing = [c for c in keep if c not in train.column_names]
-        if missing:
-            raise ValueError(
-                f"task.image_key/label_key: the data has no column {missing}; its columns: {train.column_names}"
-            )
-        train, val = train.select_columns(keep), val.select_columns(keep)
-        return ListDataModule(train, val, self.cfg["batch_size"], collate_fn=self.collate, seed=self.seed)
+        """Rows {image, label} of `load_image_splits`, loaded once per node first (hub downloads, datasets cache);
+        the images are processed per batch in `collate`."""
+        source = ImageSplits(self.cfg, self.seed)
+        return ListDataModule(
+            None, None, self.cfg["batch_size"], collate_fn=self.collate, seed=self.seed, source=source
+        )
 
     def loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return model(**batch).loss

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..adapters.inject import find_targets
 from ..adapters.schema import is_int, pos_number
-from ..data.datamodule import ListDataModule
+from ..data.datamodule import BuiltInSetup, ListDataModule
 from ..rank.spectra import effective_rank
 from .base import Task
 from .planted_profiles import (
@@ -110,10 +110,13 @@ class PlantedTask(Task):
         vocab = int(self.cfg.get("vocab_size") or self.model_cfg["config"]["vocab_size"])
         return torch.randint(0, vocab, (n, self.cfg["seq_len"]), generator=gen)
 
+    def _splits(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return list(self._sequences(self.cfg["train_size"], 0)), list(self._sequences(self.cfg["val_size"], 10_000))
+
     def datamodule(self) -> L.LightningDataModule:
-        train = self._sequences(self.cfg["train_size"], 0)
-        val = self._sequences(self.cfg["val_size"], 10_000)
-        return ListDataModule(list(train), list(val), self.cfg["batch_size"], collate_fn=torch.stack, seed=self.seed)
+        """Seeded random token sequences, built in `setup` on every process (nothing to prepare)."""
+        source = BuiltInSetup(self._splits)
+        return ListDataModule(None, None, self.cfg["batch_size"], collate_fn=torch.stack, seed=self.seed, source=source)
 
     def _teacher_on(self, batch: torch.Tensor) -> nn.Module:
         assert self.teacher is not None, "PlantedTask.prepare() must run before loss()"

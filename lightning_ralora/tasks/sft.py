@@ -13,7 +13,7 @@ from ..data.datamodule import ListDataModule
 from ..data.tokenizer import load_tokenizer
 from ..templates import TEMPLATES, render_prompt
 from .base import Task
-from .text_data import check_data_source, load_split
+from .text_data import EncodedText, check_data_source, tokenizer_key
 
 IGNORE = -100
 
@@ -38,8 +38,8 @@ def sft_collator(tokenizer):
 
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE, return_tensors="pt")
 
-    def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return collator([{k: v.tolist() for k, v in it.items()} for it in items])
+    def collate(items: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        return collator([{k: v.tolist() if hasattr(v, "tolist") else v for k, v in it.items()} for it in items])
 
     return collate
 
@@ -67,17 +67,22 @@ class SFTTask(Task):
         return {"pad_token_id": self.tokenizer.pad_token_id} if not self.model_cfg.get("pretrained") else {}
 
     def datamodule(self) -> L.LightningDataModule:
-        train, val = load_split(self.cfg, self.seed)
-        pk, rk, n = (
-            self.cfg.get("prompt_key", "prompt"),
-            self.cfg.get("response_key", "response"),
-            self.cfg["max_length"],
-        )
-        enc = [encode_pair(self.tokenizer, self.prompt(r[pk]), r[rk], n) for r in train]
-        enc_val = [encode_pair(self.tokenizer, self.prompt(r[pk]), r[rk], n) for r in val]
+        """Prompt/response pairs encoded by `encode_pair`, once per node (Dataset.map cache; see EncodedText)."""
+        source = EncodedText(self.cfg, self.seed, self.encode_row, self.encoding_key(), ("input_ids", "labels"))
         return ListDataModule(
-            enc, enc_val, self.cfg["batch_size"], collate_fn=sft_collator(self.tokenizer), seed=self.seed
+            None, None, self.cfg["batch_size"], collate_fn=sft_collator(self.tokenizer), seed=self.seed, source=source
         )
+
+    def encode_row(self, row: Mapping[str, Any]) -> dict[str, list[int]]:
+        """One data row as `encode_pair` encodes it (the prompt rendered in `task.template`), as lists."""
+        pk, rk = self.cfg.get("prompt_key", "prompt"), self.cfg.get("response_key", "response")
+        enc = encode_pair(self.tokenizer, self.prompt(row[pk]), row[rk], self.cfg["max_length"])
+        return {k: v.tolist() for k, v in enc.items()}
+
+    def encoding_key(self) -> dict[str, Any]:
+        """Everything besides the data that changes `encode_row`'s output (names the encoding cache)."""
+        keys = ("template", "max_length", "prompt_key", "response_key")
+        return {"task": self.name, "tokenizer": tokenizer_key(self.tokenizer), **{k: self.cfg.get(k) for k in keys}}
 
     def prompt(self, instruction: str) -> str:
         """The training prompt in `task.template` (the evaluation runner renders its prompts the same way)."""

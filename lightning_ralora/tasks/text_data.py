@@ -1,10 +1,12 @@
-"""Loading text datasets the real way (`datasets.load_dataset`) from local JSONL/CSV files or the hub."""
+"""Loading text datasets the real way (`datasets.load_dataset`) from local JSONL/CSV files or the hub, and encoding
+them once per node into `Dataset.map` cache files that every rank reads."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,3 +90,91 @@ def load_split(cfg: Mapping[str, Any], seed: int):
         return ds, val
     parts = ds.train_test_split(test_size=float(cfg.get("val_fraction", 0.1)), seed=seed)
     return parts["train"], parts["test"]
+
+
+ENCODING_VERSION = 1  # bump when an encoder's output changes for the same inputs: older cache files stop matching
+CACHE_PREFIX = "lightning-ralora-encoded"
+OUT_PREFIX = "encoded__"  # the encoded columns' names while Dataset.map writes them
+
+
+def tokenizer_key(tokenizer: Any) -> dict[str, Any]:
+    """What identifies a tokenizer's encoding: its name/path, class, sizes, special ids, chat template and a hash
+    of its full definition (fast tokenizers) or vocabulary, so an edited local tokenizer gets a new cache."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # without the truncation/padding state that each call with truncation=True sets
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+    else:
+        spec = sorted(tokenizer.get_vocab().items())
+    return {
+        "name_or_path": str(getattr(tokenizer, "name_or_path", "")),
+        "class": type(tokenizer).__name__,
+        "len": len(tokenizer),
+        "vocab_size": getattr(tokenizer, "vocab_size", None),
+        "special_ids": {
+            k: getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "unk", "sep", "cls")
+        },
+        "truncation_side": getattr(tokenizer, "truncation_side", None),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+        "spec_sha256": hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest(),
+    }
+
+
+class EncodedText:
+    """A text task's (train, val) from `load_split`, encoded row by row (`encode`) with `Dataset.map` into cache
+    files beside the dataset's own: `prepare` (one process per node) writes them, `load` (every process) reads
+    them. `key` names everything that changes the encoding; with the data's fingerprint it names the files."""
+
+    def __init__(
+        self,
+        cfg: Mapping[str, Any],
+        seed: int,
+        encode: Callable[[Mapping[str, Any]], dict[str, Any]],
+        key: Mapping[str, Any],
+        tensor_columns: Sequence[str],
+    ) -> None:
+        self.cfg, self.seed, self.encode, self.key = dict(cfg), seed, encode, dict(key)
+        self.tensor_columns = list(tensor_columns)
+        self.encoded_examples = 0  # rows this process encoded itself
+
+    def _encode_row(self, row: Mapping[str, Any]) -> dict[str, Any]:
+        self.encoded_examples += 1
+        # new column names: datasets would cast an output column to the type of the input column of its name (a
+        # regression task's float `label` to the file's int)
+        return {OUT_PREFIX + k: v for k, v in self.encode(row).items()}
+
+    def fingerprint(self, ds: Any, split: str) -> str:
+        """The encoded split's fingerprint: the loaded split's `_fingerprint`, the key and the encoding version."""
+        blob = {"data": ds._fingerprint, "split": split, "version": ENCODING_VERSION, "seed": self.seed, **self.key}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
+
+    def cache_file(self, ds: Any, split: str) -> str | None:
+        """The cache file of the encoded split, beside the dataset's cache files; None for an in-memory dataset."""
+        if not ds.cache_files:
+            return None
+        folder = Path(ds.cache_files[0]["filename"]).parent
+        return str(folder / f"{CACHE_PREFIX}-{self.fingerprint(ds, split)}.arrow")
+
+    def _map(self, ds: Any, split: str) -> Any:
+        out = ds.map(
+            self._encode_row,
+            remove_columns=ds.column_names,
+            cache_file_name=self.cache_file(ds, split),
+            load_from_cache_file=True,
+            new_fingerprint=self.fingerprint(ds, split),
+            desc=f"encoding {split}",
+        )
+        out = out.rename_columns({c: c.removeprefix(OUT_PREFIX) for c in out.column_names})
+        out.set_format("torch", columns=self.tensor_columns, output_all_columns=True)
+        return out
+
+    def prepare(self) -> None:
+        """Load the data (downloads land in the node's datasets cache) and write the encoded cache files; nothing
+        to write for an in-memory dataset (every process then encodes it in `load`)."""
+        for split, ds in zip(("train", "val"), load_split(self.cfg, self.seed), strict=True):
+            if ds.cache_files:
+                self._map(ds, split)
+
+    def load(self) -> tuple[Any, Any]:
+        """(train, val) encoded: read from the cache files, or encoded here when there are none."""
+        train, val = load_split(self.cfg, self.seed)
+        return self._map(train, "train"), self._map(val, "val")
