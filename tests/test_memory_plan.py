@@ -143,3 +143,26 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys) -> None:
     memory_plan.main()
     written = json.loads((tmp_path / "plan_memory.json").read_text())
     assert json.loads(capsys.readouterr().out)["peak"] == written["peak"] > 0
+
+
+def test_gid_warmup_prediction_matches_a_measured_cpu_warmup() -> None:
+    """The plan's GID warm-up bytes (one process: full model, every fp32 sum, one batch) within 15 % of the tensor
+    bytes estimate_gid allocates at its peak on the tiny Llama."""
+    from lightning_ralora.rank.estimate import estimate_gid
+    from lightning_ralora.run import build_module
+
+    overrides = [*TINY, "adapter=ralora"]
+    predicted = plan(compose_config(overrides, run_dir="/tmp/unused"))["gid_warmup"]
+    torch.manual_seed(0)
+    module = build_module(compose_config(overrides, run_dir="/tmp/unused"))
+    batch = next(iter(module.task.datamodule().train_dataloader()))
+    with torch.no_grad():
+        module.training_loss(batch)  # builds the task's teacher (not part of the model's memory)
+    teacher = [*module.task.teacher.parameters(), *module.task.teacher.buffers()]
+    with StorageBytes([*module.backbone.parameters(), *module.backbone.buffers(), batch]) as meter:
+        held = meter.now
+        meter.add_all(teacher)
+        teacher_bytes = meter.now - held
+        estimate_gid(module.backbone, [batch], lambda m, b: module.training_loss(b), module.targets)
+    measured = meter.peak - teacher_bytes
+    assert abs(predicted - measured) / measured < 0.15, (predicted, measured)
