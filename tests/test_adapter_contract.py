@@ -58,6 +58,36 @@ def test_forward_equals_dense_formula(case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16], ids=["fp32_base", "bf16_base"])
+def test_bf16_autocast_forward_and_gradients_follow_the_dense_formula(case: Case, model_dtype: torch.dtype) -> None:
+    """Under bf16 autocast (Lightning's bf16-mixed; on CPU here) with an fp32 or bf16 base: the output and the
+    gradients of x and of every fp32 factor equal fp32 autograd through W + ΔW within bf16 rounding (2 %)."""
+    layer = _trained_layer(case)
+    layer.base.to(model_dtype)
+    x = torch.randn(3, 5, IN, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn(y.shape)
+    y.float().backward(g)
+    factors = dict(layer.named_parameters())
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref_w = {n: p.detach().float().clone().requires_grad_(p.requires_grad) for n, p in factors.items()}
+    with torch.nn.utils.stateless._reparametrize_module(layer, ref_w):
+        w = ref_w["base.weight"] + layer.delta_weight()
+        ref = ref_x @ w.T + ref_w["base.bias"]
+    ref.backward(g)
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(y.float(), ref.detach(), rtol=0, atol=0.02 * scale)
+    torch.testing.assert_close(x.grad, ref_x.grad, rtol=0, atol=0.02 * ref_x.grad.abs().max().item())
+    for name, p in factors.items():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and p.grad.dtype == torch.float32, name
+            tol = 0.02 * ref_w[name].grad.abs().max().item()
+            torch.testing.assert_close(p.grad, ref_w[name].grad, rtol=0, atol=tol, msg=name)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
 def test_merge_unmerge_round_trip(case: Case) -> None:
     layer = _trained_layer(case)
     x = torch.randn(4, IN)

@@ -160,6 +160,35 @@ def test_one_sgd_step_stays_equal_to_peft(r: int, k: int, h: int) -> None:
         torch.testing.assert_close(value, peft_state[key], rtol=1e-5, atol=1e-6)
 
 
+FUSED = [(4, 1, 2), (4, 2, 2), (8, 4, 4), (4, 4, 6), (8, 2, 0), (8, 4, 0)]  # (r, k, hybrid_r): k ∈ {1, 2, 4}
+
+
+@pytest.mark.parametrize(("r", "k", "h"), FUSED, ids=[f"r{r}-k{k}-h{h}" for r, k, h in FUSED])
+@pytest.mark.parametrize("p", [0.0, 0.3], ids=["nodrop", "drop"])
+@pytest.mark.parametrize("shape", [(5, IN), (3, 7, IN)], ids=["2d", "3d"])
+def test_fused_grid_and_hybrid_match_dense_reference(r: int, k: int, h: int, p: float, shape: tuple) -> None:
+    """The fused grid (+ hybrid) products give x Wᵀ + drop(x) ΔWᵀ and its input and parameter gradients, ΔW from
+    `delta_weight` (the block einsum) under autograd; `update` alone (no base output) gives x ΔWᵀ."""
+    torch.manual_seed(0)
+    layer = GraLoRALinear(nn.Linear(IN, OUT), r=r, k=k, alpha=6.0, hybrid_r=h, dropout=p).train()
+    _randomise(layer.adapter_parameters(), seed=3)
+    names, params = zip(*((n, q) for n, q in layer.named_parameters() if q.requires_grad), strict=True)
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(*shape[:-1], OUT)
+    torch.manual_seed(1)
+    y = layer(x)
+    got = torch.autograd.grad(y, [x, *params], g)
+    torch.manual_seed(1)  # the same dropout mask
+    xd = nn.functional.dropout(x, p, training=True) if p > 0 else x
+    ref = nn.functional.linear(x, layer.base.weight, layer.base.bias) + xd @ layer.delta_weight().t()
+    want = torch.autograd.grad(ref, [x, *params], g)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(("x", *names), got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad():
+        torch.testing.assert_close(layer.update(x), x @ layer.delta_weight().t(), rtol=1e-5, atol=1e-5)
+
+
 ERRORS = [
     (dict(r=6, k=4, n=16, m=24), "adapter.k=4 must divide adapter.r=6"),
     (dict(r=4, k=2, n=15, m=24), "adapter.k=2 must divide in_features=15"),

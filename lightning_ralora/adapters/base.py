@@ -88,13 +88,20 @@ def single_term(B: torch.Tensor, A: torch.Tensor) -> BlockTerm:
     return BlockTerm((1, 1), z, z, B.unsqueeze(0), A.unsqueeze(0))
 
 
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast computes in on t's device (bf16-mixed, 16-mixed), None outside autocast. In-place
+    products (addmm_, baddbmm_) are not autocast, so the fast paths check it."""
+    device = t.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def add_product(out: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
-    """s·h Bᵀ, accumulated into `out` when given: by one addmm_ with the scale as alpha when `out` is 2-D and of
-    h's dtype (no tokens x out temporary, no extra pass), else scaled on the small h and added (casting into a
-    bf16 `out`). The product itself runs in h's (the adapter's, >= fp32) dtype."""
+    """s·h Bᵀ, accumulated into `out` when given: by one addmm_ with the scale as alpha when `out`, h and B share
+    a dtype and `out` is 2-D (no tokens x out temporary, no extra pass), else scaled on the small h and added
+    (casting into a bf16 `out`; under autocast the product runs in autocast's dtype, as peft's)."""
     if out is None:
         return F.linear(h * s, B)
-    if out.dim() != 2 or h.dim() != 2 or out.dtype != h.dtype:
+    if out.dim() != 2 or h.dim() != 2 or not out.dtype == h.dtype == B.dtype:
         return out.add_(F.linear(h * s, B))
     return out.addmm_(h, B.t(), alpha=s)
 
@@ -124,8 +131,9 @@ class _AddBlocks(torch.autograd.Function):
 
 def add_blocks(out: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, s: float, m: int) -> torch.Tensor:
     """The block-diagonal product s·blockdiag(B_b)·h as (M x m), output chunk b = s·h_b B_bᵀ (h (nb, M, r),
-    B (nb, m/nb, r)); accumulated into a contiguous 2-D `out` of h's dtype in place (`_AddBlocks`), else added."""
-    if out is not None and out.dim() == 2 and out.dtype == h.dtype and out.is_contiguous():
+    B (nb, m/nb, r)); accumulated into a contiguous 2-D `out` of h's and B's dtype in place (`_AddBlocks`), else
+    added (under autocast: autocast's bmm, then added)."""
+    if out is not None and out.dim() == 2 and out.dtype == h.dtype == B.dtype and out.is_contiguous():
         return _AddBlocks.apply(out, h, B, s)
     y = torch.bmm(h * s, B.transpose(1, 2)).transpose(0, 1).reshape(h.shape[1], m)
     return y if out is None else out.add_(y)

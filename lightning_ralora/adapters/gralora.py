@@ -13,15 +13,16 @@ B_ij^T at [i, j·r/k:(j+1)·r/k, :]).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-from .base import AdapterLayer, BlockTerm, LayerSpec, add_blocks, add_product, kaiming_uniform_, single_term
+from .base import AdapterLayer, BlockTerm, LayerSpec, autocast_dtype, kaiming_uniform_, single_term
 from .registry import BenchmarkEntry, register_variant
 from .schema import CallbackSpec, LowRankConfig, doc, is_pos_int, nonneg_int, pos_int, power_of_two, raise_problems
 
@@ -108,20 +109,24 @@ class GraLoRALinear(AdapterLayer):
             self.hybrid_B = nn.Parameter(torch.zeros(self.out_features, hybrid_r, **fk))
 
     def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """s·ΔW x as two batched products over the grid, on strided views of x and `out` (no permute copies of
-        them): h_j = [A_ij]_i x_j per input chunk j, then out_i = Σ_j B_ij h_ij = [B_ij]_j [h_ij]_j per output
-        chunk i; only the (tokens x k·r) intermediate is regrouped from j-major to i-major."""
-        x = x.to(self.gralora_A.dtype)
-        k, rb, lead = self.k, self.r // self.k, x.shape[:-1]
-        xs = x.reshape(-1, k, self.in_features // k).transpose(0, 1)  # (j, M, n/k), a view
-        a = self.gralora_A.transpose(0, 1).reshape(k, k * rb, -1)  # (j, i·r/k, n/k): a weight-sized copy
-        h = torch.bmm(xs, a.transpose(1, 2))  # (j, M, i·r/k)
-        h = h.view(k, -1, k, rb).permute(2, 1, 0, 3).reshape(k, -1, k * rb)  # (i, M, j·r/k)
-        b = self.gralora_B.transpose(1, 2).reshape(k, -1, k * rb)  # (i, m/k, j·r/k)
-        y = add_blocks(out, h, b, self.scaling, self.out_features)
-        if self.hybrid_r > 0:
-            y = add_product(y, F.linear(x.reshape(-1, self.in_features), self.hybrid_A), self.hybrid_B, self.scaling)
-        return y if out is not None else y.view(*lead, self.out_features)
+        """s·ΔW x, grid and hybrid together (`_GridUpdate`), accumulated into `out` in place; into a fresh tensor
+        (then added) when `out` is absent or not a contiguous 2-D tensor of the compute dtype: the adapter's, or
+        under autocast autocast's (factors cast to it, as autocast casts them for its own products)."""
+        amp = autocast_dtype(x)
+        dtype = amp or self.gralora_A.dtype
+        lead = x.shape[:-1]
+        # no reshape node for a 2-D x: a view between x and `_GridUpdate` makes autograd add x's two gradients
+        # (base and adapter) out of place
+        x2 = (x if x.dim() == 2 else x.reshape(-1, self.in_features)).to(dtype).contiguous()
+        factors = [self.gralora_A, self.gralora_B, *((self.hybrid_A, self.hybrid_B) if self.hybrid_r > 0 else ())]
+        factors = [f.to(dtype) for f in factors] + [None, None] * (self.hybrid_r == 0)
+        direct = out is not None and out.dim() == 2 and out.dtype == dtype and out.is_contiguous()
+        with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
+            y = out if direct else x2.new_zeros(x2.shape[0], self.out_features)
+            y = _GridUpdate.apply(y, x2, *factors, self.scaling)
+        if out is not None:
+            return y if direct else out.add_(y.view_as(out))
+        return y.view(*lead, self.out_features)
 
     def delta_weight(self) -> torch.Tensor:
         blocks = torch.einsum("ijmr,ijrn->imjn", self.gralora_B, self.gralora_A)  # (k, m/k, k, n/k)
@@ -167,6 +172,80 @@ class GraLoRALinear(AdapterLayer):
                 return None
             terms.append(single_term(*h))
         return float(self.scaling), terms
+
+
+class _GridUpdate(torch.autograd.Function):
+    """out (M x m) += s·ΔW x, the dense hybrid folded into the grid's two batched products (A_h's column chunks as
+    extra rows of each input chunk's A, summed over chunks; B_h's row chunks as extra columns of each output chunk's
+    B), so x and `out` are each passed over once per direction, as in LoRA."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        hA: torch.Tensor | None,
+        hB: torch.Tensor | None,
+        s: float,
+    ) -> torch.Tensor:
+        k, _, rb, nb = A.shape
+        M, mb, g = x.shape[0], B.shape[2], k * rb
+        c = g + (0 if hA is None else hA.shape[0])
+        # a[j] = [A_ij]_i stacked over i, then A_h's chunk j: (j, c, n/k); b[i] = [B_ij]_j, then B_h's chunk i
+        a = A.new_empty(k, c, nb)
+        a[:, :g].view(k, k, rb, nb).copy_(A.transpose(0, 1))
+        b = B.new_empty(k, mb, c)
+        b[:, :, :g].view(k, mb, k, rb).copy_(B.permute(0, 2, 1, 3))
+        if hA is not None:
+            a[:, g:].copy_(hA.view(-1, k, nb).transpose(0, 1))
+            b[:, :, g:].copy_(hB.view(k, mb, -1))
+        hj = torch.bmm(x.view(M, k, nb).transpose(0, 1), a.transpose(1, 2))  # (j, M, c)
+        hi = _regroup(hj, k, rb)  # (i, M, c): grid columns j-major -> i-major, hybrid summed over j
+        out.view(M, k, mb).transpose(0, 1).baddbmm_(hi, b.transpose(1, 2), alpha=s)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, a, b, hi)
+        ctx.s, ctx.rb = s, rb
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, a, b, hi = ctx.saved_tensors
+        k, c, nb = a.shape
+        (M, n), mb, rb, g = x.shape, b.shape[1], ctx.rb, k * ctx.rb
+        gv = gout.reshape(M, k, mb).transpose(0, 1)  # (i, M, m/k), a view when gout is contiguous
+        need = ctx.needs_input_grad  # (out, x, A, B, hA, hB, s)
+        gx = gA = gB = ghA = ghB = None
+        if need[3] or need[5]:
+            gb = torch.bmm(hi.transpose(1, 2), gv).mul_(ctx.s)  # (i, c, m/k)
+            gB = gb[:, :g].view(k, k, rb, mb).transpose(2, 3).contiguous() if need[3] else None
+            ghB = gb[:, g:].transpose(1, 2).reshape(k * mb, c - g) if need[5] else None
+        if need[1] or need[2] or need[4]:
+            ghj = _regroup(torch.bmm(gv, b).mul_(ctx.s), k, rb)  # (j, M, c): i-major -> j-major, hybrid over i
+            if need[1]:
+                gx = x.new_empty(M, n)
+                torch.bmm(ghj, a, out=gx.view(M, k, nb).transpose(0, 1))
+            if need[2] or need[4]:
+                ga = torch.bmm(ghj.transpose(1, 2), x.view(M, k, nb).transpose(0, 1))  # (j, c, n/k)
+                gA = ga[:, :g].view(k, k, rb, nb).transpose(0, 1).contiguous() if need[2] else None
+                ghA = ga[:, g:].transpose(0, 1).reshape(c - g, n) if need[4] else None
+        return gout, gx, gA, gB, ghA, ghB, None
+
+
+def _regroup(h: torch.Tensor, k: int, rb: int) -> torch.Tensor:
+    """(p, M, k·rb + h') -> (q, M, k·rb + h'): the grid columns [p, :, q·rb + t] move to [q, :, p·rb + t] (the swap
+    between per-input-chunk and per-output-chunk order), and the last h' (hybrid) columns are summed over p and
+    repeated for every q."""
+    g = k * rb
+    M, c = h.shape[1], h.shape[2]
+    r = h.new_empty(k, M, c)
+    r[:, :, :g].view(k, M, k, rb).copy_(h[:, :, :g].view(k, M, k, rb).permute(2, 1, 0, 3))
+    if c > g:
+        torch.sum(h[:, :, g:], 0, out=r[0, :, g:])
+        r[1:, :, g:].copy_(r[0, :, g:])
+    return r
 
 
 register_variant(
