@@ -36,6 +36,7 @@ NON_IDENTITY: tuple[str, ...] = (
     "export",
     "not_reproduced",
     "methods",  # applied first: its effect is in the adapter/optim keys, other methods' rows do not matter
+    "adapter.compile",  # the same maths, compiled
     "trainer.devices",
     "trainer.num_nodes",
     "trainer.strategy",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -129,14 +129,28 @@ class _AddBlocks(torch.autograd.Function):
         return g, gh, gB, None
 
 
+@torch.compiler.disable
+def _add_blocks_in_place(*args: Any) -> torch.Tensor:
+    """`_AddBlocks.apply`, left eager by torch.compile (adapter.compile): dynamo does not trace a Function's
+    in-place update of a strided view of `out`."""
+    return _AddBlocks.apply(*args)
+
+
 def add_blocks(out: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, s: float, m: int) -> torch.Tensor:
     """The block-diagonal product s·blockdiag(B_b)·h as (M x m), output chunk b = s·h_b B_bᵀ (h (nb, M, r),
     B (nb, m/nb, r)); accumulated into a contiguous 2-D `out` of h's and B's dtype in place (`_AddBlocks`), else
     added (under autocast: autocast's bmm, then added)."""
     if out is not None and out.dim() == 2 and out.dtype == h.dtype == B.dtype and out.is_contiguous():
-        return _AddBlocks.apply(out, h, B, s)
+        return _add_blocks_in_place(out, h, B, s)
     y = torch.bmm(h * s, B.transpose(1, 2)).transpose(0, 1).reshape(h.shape[1], m)
     return y if out is None else out.add_(y)
+
+
+@functools.cache
+def compiled_update(cls: type) -> Callable[..., torch.Tensor]:
+    """`torch.compile` of a layer class's `update` (adapter.compile), shared by every layer of the class: the
+    layer is an argument, so one compiled graph serves every layer of a shape."""
+    return torch.compile(cls.update)
 
 
 @functools.cache
@@ -181,6 +195,7 @@ class AdapterLayer(nn.Module):
             p.requires_grad_(False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.compiled = False  # adapter.compile: forward runs `compiled_update` instead of `update`
 
     @property
     def in_features(self) -> int:
@@ -295,7 +310,8 @@ class AdapterLayer(nn.Module):
             # in place: the base output is not saved for backward, and a fresh (tokens x out) tensor costs a full
             # pass; add_ also casts a float32 update into a bf16 output without a temporary
             x = self.dropout(x)
-            y = self.update(x, out=y) if _accumulates(type(self)) else y.add_(self.update(x))
+            update = compiled_update(type(self)) if self.compiled else type(self).update
+            y = update(self, x, out=y) if _accumulates(type(self)) else y.add_(update(self, x))
         return y.view(*lead, self.out_features)
 
     def adapter_parameters(self) -> list[nn.Parameter]:

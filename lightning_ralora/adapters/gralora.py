@@ -123,7 +123,7 @@ class GraLoRALinear(AdapterLayer):
         direct = out is not None and out.dim() == 2 and out.dtype == dtype and out.is_contiguous()
         with torch.autocast(x.device.type, enabled=False) if amp else contextlib.nullcontext():
             y = out if direct else x2.new_zeros(x2.shape[0], self.out_features)
-            y = _GridUpdate.apply(y, x2, *factors, self.scaling)
+            y = _grid_update(y, x2, *factors, self.scaling)
         if out is not None:
             return y if direct else out.add_(y.view_as(out))
         return y.view(*lead, self.out_features)
@@ -232,6 +232,13 @@ class _GridUpdate(torch.autograd.Function):
                 gA = ga[:, :g].view(k, k, rb, nb).transpose(0, 1).contiguous() if need[2] else None
                 ghA = ga[:, g:].transpose(0, 1).reshape(c - g, n) if need[4] else None
         return gout, gx, gA, gB, ghA, ghB, None
+
+
+@torch.compiler.disable
+def _grid_update(*args: Any) -> torch.Tensor:
+    """`_GridUpdate.apply`, left eager by torch.compile (adapter.compile): the Function is already one fused
+    pass, and dynamo does not trace its in-place update of a strided view of `out`."""
+    return _GridUpdate.apply(*args)
 
 
 def _regroup(h: torch.Tensor, k: int, rb: int) -> torch.Tensor:

@@ -190,15 +190,21 @@ class LowRankConfig(AdapterConfig):
     r: int = doc("rank of the update", None)
     alpha: float = doc("scale numerator (s = alpha/r unless the variant says otherwise)", 16.0)
     dropout: float = doc("dropout on the adapter input", 0.0)
+    compile: bool = doc("torch.compile each layer's update (our layer kinds; equal to eager within rounding)", False)
 
     def validate(self) -> list[str]:
-        """Base fields plus r > 0, alpha > 0, dropout in [0, 1)."""
-        return [
+        """Base fields plus r > 0, alpha > 0, dropout in [0, 1), compile a bool (not with peft's layers)."""
+        problems = [
             *super().validate(),
             *pos_int(self.r, self.f("r")),
             *pos_number(self.alpha, self.f("alpha")),
             *unit_interval(self.dropout, self.f("dropout")),
         ]
+        if not isinstance(self.compile, bool):
+            problems.append(f"{self.f('compile')} must be true or false, got {self.compile!r}")
+        elif self.compile and self.kind == "peft":
+            problems.append(f"{self.f('compile')}=true compiles our adapter layers; kind peft has none of them")
+        return problems
 
     def layer_spec(self, **variant_fields: Any) -> Any:
         """The LayerSpec of this config: the shared fields plus the variant's own."""
