@@ -31,6 +31,7 @@ STEP_SHAPE = {"cpu": (1, 128), "cuda": (4, 2048)}  # (batch, seq_len)
 TARGETS_LLAMA = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GRID = 4  # GraLoRA's k and RaLoRA's block count here
 LAYER_VARIANTS = ("floor", "lora", "ralora", "gralora", "hybrid", "sds", "peft_lora", "peft_gralora")
+LAYER_VARIANTS += ("lora_compiled", "sds_compiled")  # adapter.compile=true
 STEP_VARIANTS = ("floor", "lora", "ralora", "gralora", "hybrid", "sds", "peft_lora", "peft_gralora")
 DESCRIPTIONS = {
     "floor": "frozen linear / model, no adapter (backward for input gradients only)",
@@ -41,7 +42,10 @@ DESCRIPTIONS = {
     "sds": "our SDS-LoRA r (SDS phase, after the switch)",
     "peft_lora": "peft LoRA r",
     "peft_gralora": f"peft GraLoRA r, gralora_k={GRID}",
+    "lora_compiled": "our LoRA r with adapter.compile=true (torch.compile of the update)",
+    "sds_compiled": "our SDS-LoRA r (SDS phase) with adapter.compile=true",
 }
+COMPILED = "_compiled"
 
 
 def spec(variant: str, r: int) -> Any:
@@ -80,9 +84,10 @@ def build_layer(variant: str, base: nn.Linear, r: int) -> nn.Module:
         from peft import get_peft_model
 
         return get_peft_model(_Holder(base), peft_config(variant, r, ["lin"])).base_model.model.lin
-    s = spec(variant, r)
+    s = spec(variant.removesuffix(COMPILED), r)
     layer = ADAPTER_CLASSES[s.kind].from_spec(base, s)
     prepare_layers(_Holder(layer))
+    layer.compiled = variant.endswith(COMPILED)
     return layer
 
 
@@ -156,6 +161,13 @@ def _figures(key: str, where: str, times: dict[str, list[float]]) -> list[Figure
                 f"{key}/{v}_vs_lora", sec, f"{where}: {name} / our LoRA", times, v, "lora", "paper_variant_vs_lora"
             )
         )
+    for v in ("lora", "sds"):
+        if v + COMPILED in times:
+            figs.append(
+                ratio_figure(
+                    f"{key}/{v}_compiled_vs_eager", sec, f"{where}: {v} compiled / eager", times, v + COMPILED, v
+                )
+            )
     return figs
 
 
