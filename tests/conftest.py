@@ -24,6 +24,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns xdist_group marks into node-id suffixes
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Multi-process tests (2 ranks each) run one at a time on one xdist worker (`--dist loadgroup`)."""
     for item in items:
