@@ -129,11 +129,13 @@ class _AddBlocks(torch.autograd.Function):
         return g, gh, gB, None
 
 
-@torch.compiler.disable
-def _add_blocks_in_place(*args: Any) -> torch.Tensor:
-    """`_AddBlocks.apply`, left eager by torch.compile (adapter.compile): dynamo does not trace a Function's
-    in-place update of a strided view of `out`."""
-    return _AddBlocks.apply(*args)
+def eager_apply(function: type[torch.autograd.Function]) -> Callable[..., torch.Tensor]:
+    """`function.apply`, left eager by torch.compile (adapter.compile): dynamo does not trace the in-place update
+    of a strided view of `out` that the fused adapter Functions make."""
+    return torch.compiler.disable(function.apply)
+
+
+_add_blocks_in_place = eager_apply(_AddBlocks)
 
 
 def add_blocks(out: torch.Tensor | None, h: torch.Tensor, B: torch.Tensor, s: float, m: int) -> torch.Tensor:

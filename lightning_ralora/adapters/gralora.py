@@ -22,7 +22,15 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import AdapterLayer, BlockTerm, LayerSpec, autocast_dtype, kaiming_uniform_, single_term
+from .base import (
+    AdapterLayer,
+    BlockTerm,
+    LayerSpec,
+    autocast_dtype,
+    eager_apply,
+    kaiming_uniform_,
+    single_term,
+)
 from .registry import BenchmarkEntry, register_variant
 from .schema import CallbackSpec, LowRankConfig, doc, is_pos_int, nonneg_int, pos_int, power_of_two, raise_problems
 
@@ -234,11 +242,7 @@ class _GridUpdate(torch.autograd.Function):
         return gout, gx, gA, gB, ghA, ghB, None
 
 
-@torch.compiler.disable
-def _grid_update(*args: Any) -> torch.Tensor:
-    """`_GridUpdate.apply`, left eager by torch.compile (adapter.compile): the Function is already one fused
-    pass, and dynamo does not trace its in-place update of a strided view of `out`."""
-    return _GridUpdate.apply(*args)
+_grid_update = eager_apply(_GridUpdate)  # already one fused pass
 
 
 def _regroup(h: torch.Tensor, k: int, rb: int) -> torch.Tensor:

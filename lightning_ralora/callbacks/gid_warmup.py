@@ -126,12 +126,9 @@ class GIDWarmup(L.Callback):
         # the statistics are identical on every rank (all-reduced / gathered); broadcasting rank 0's plan also
         # removes any doubt about last-bit differences near a block-count boundary (and makes the timings agree)
         plan = AdapterPlan.from_dict(trainer.strategy.broadcast(plan_dict, src=0))
-        self._summary = {
-            k: plan.meta.get(k)
-            for k in ("gid_N_per_rank", "gid_batches_total", "gid_batch_size", "world_size", "gid_rank0_only")
-        }
-        self._summary["gid_sum_bytes_per_rank"] = plan.meta.get("gid_sum_bytes_per_rank")
-        self._summary["gid_peak_memory_bytes"] = plan.meta.get("gid_peak_memory_bytes")
+        summary = ("gid_N_per_rank", "gid_batches_total", "gid_batch_size", "world_size", "gid_rank0_only")
+        summary += ("gid_sum_bytes_per_rank", "gid_peak_memory_bytes")
+        self._summary = {k: plan.meta.get(k) for k in summary}
         return plan
 
     def _estimate(

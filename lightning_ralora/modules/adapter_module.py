@@ -199,8 +199,9 @@ class AdapterModule(L.LightningModule):
                     self.backbone, self.targets, spec_from_cfg(self.adapter_cfg), self.adapter_cfg["name"]
                 )
             layers = inject(self.backbone, self.targets, self.plan.specs(), dtype=adapter_dtype(self.adapter_cfg))
+            compiled = bool(self.adapter_cfg.get("compile", False))
             for layer in layers.values():  # adapter.compile: forward runs the torch.compile'd update
-                layer.compiled = bool(self.adapter_cfg.get("compile", False))
+                layer.compiled = compiled
             for name in self.full_modules:  # the task's new head and model.trainable_modules train in full
                 self.backbone.get_submodule(name).requires_grad_(True)
         self.adapted = True
