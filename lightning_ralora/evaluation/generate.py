@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_return_sequences", "do_sample")
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_return_sequences", "do_sample", "num_beams")
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
