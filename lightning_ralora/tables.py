@@ -2,7 +2,7 @@
 
 Every `results.json` below the given directories is one run. Runs are grouped by (model, rank, method):
 `model`, `config.adapter.r` (+ `config.adapter.hybrid_r`, the total rank of Hybrid GraLoRA; empty for full
-fine-tuning) and `variant`. The table's spec (`TABLES`) says where its metrics come from; each cell is the mean ± the
+fine-tuning) and `variant`. The table's spec (its folder's table.yaml: `TABLES`) says where its metrics come from; each cell is the mean ± the
 sample standard deviation (n − 1) over distinct seeds, accuracies in percent. Writes `DIR/<ID>.md` (rows = methods in
 model/rank blocks, the published value and the difference beside each cell) and `DIR/<ID>.csv` (columns `CSV_HEADER`;
 one line per measured cell: missing cells are "—" in the markdown and have no csv line). `--wandb` also logs the
@@ -104,20 +104,23 @@ Cells = dict[Group, dict[str, Cell]]
 
 @dataclass(frozen=True)
 class TableSpec:
-    """How one paper table is built from results.json files."""
+    """How one paper table is built from results.json files: its folder's table.yaml, read by `load_spec`."""
 
     id: str
     title: str
-    sources: str  # where the numbers come from, in words (the markdown repeats it)
+    description: str  # where the numbers come from, in words (the markdown repeats it)
     extract: Callable[[Run], dict[str, float]]  # {metric id: value in the table's scale}
     metrics: tuple[Metric, ...] = ()  # the expected columns, in the paper's order
     methods: tuple[str, ...] = ()  # the expected rows (per model/rank block); missing ones are shown as "—"
-    experiments: tuple[str, ...] = ()  # experiment names that may be combined in this table
+    experiments: tuple[str, ...] = ()  # the sweep configs whose runs fill this table (may be combined)
+    sources: tuple[tuple[str, ...], ...] = ()  # every results.json key path the table reads
     dynamic: Metric | None = None  # template for columns found in the runs (ids not in `metrics`)
     derive: Callable[[Cells], None] | None = None  # adds derived cells (averages, overheads)
     pivot_rank: bool = False  # markdown: one column per rank (rows model/method) instead of rank blocks
     files: tuple[str, ...] = ("results.json",)  # the run records read (ralora_gid: also lightning-ralora-gid's)
     cell_text: Callable[[str, Cell], str | None] | None = None  # markdown text of a cell (verdicts); None: the number
+    published_ids: Mapping[str, str] = field(default_factory=dict)  # our metric id -> the paper's, where they differ
+    published_row: Mapping[str, Any] = field(default_factory=dict)  # model/rank/method of the paper's row, if fixed
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -202,29 +205,6 @@ def _collect(pairs: Iterable[tuple[str, float | None]]) -> dict[str, float]:
     return {k: v for k, v in pairs if v is not None}
 
 
-def extract_commonsense(run: Run) -> dict[str, float]:
-    """eval.commonsense.<suite>/accuracy for the eight suites (ids CS_IDS) and eval.commonsense.average (id avg)."""
-    pairs = [(i, _eval_metric(run, "commonsense", f"{s}/accuracy")) for i, s in zip(CS_IDS, COMMONSENSE, strict=True)]
-    return _collect([*pairs, ("avg", _eval_metric(run, "commonsense", "average"))])
-
-
-def extract_nlg(run: Run) -> dict[str, float]:
-    """eval.gsm8k.accuracy, eval.math.accuracy, eval.humaneval.pass@1 (percent) and eval.mt_bench.score (1-10)."""
-    return _collect(
-        [
-            ("mt_bench", _eval_metric(run, "mt_bench", "score", percent=False)),
-            ("gsm8k", _eval_metric(run, "gsm8k", "accuracy")),
-            ("math", _eval_metric(run, "math", "accuracy")),
-            ("humaneval", _eval_metric(run, "humaneval", "pass@1")),
-        ]
-    )
-
-
-def extract_gsm8k(run: Run) -> dict[str, float]:
-    """eval.gsm8k.accuracy."""
-    return _collect([("gsm8k", _eval_metric(run, "gsm8k", "accuracy"))])
-
-
 def extract_glue(run: Run) -> dict[str, float]:
     """eval.glue.score under the run's GLUE task (eval.glue_task, else task.glue_task)."""
     task = _glue_task(run)
@@ -279,17 +259,21 @@ OVERHEAD_DATASETS = ("metamathqa", "code_feedback")  # the SDS-LoRA overhead tab
 
 
 def extract_overhead(run: Run) -> dict[str, float]:
-    """Per training set (`<dataset>_` prefix): seconds per optimizer step (fit_time_s / global_step) and peak memory
-    (GiB, from a MEMORY_KEYS value)."""
+    """Per training set (`<dataset>_` prefix): seconds per optimizer step (fit_time_s / global_step), the fit's hours
+    (`time_h`) and peak memory (GiB, from a MEMORY_KEYS value; `memory_gb` is the same figure in the paper's column)."""
     ds = _train_dataset(run)
     if ds is None:
         return {}
-    return _collect([(f"{ds}_s_per_step", _s_per_step(run)), (f"{ds}_peak_memory_gib", _peak_memory_gib(run))])
-
-
-def extract_humaneval_plus(run: Run) -> dict[str, float]:
-    """eval.humaneval_plus.pass@1."""
-    return _collect([("pass@1", _eval_metric(run, "humaneval_plus", "pass@1"))])
+    fit = _num(run.results.get("fit_time_s"))
+    memory = _peak_memory_gib(run)
+    return _collect(
+        [
+            (f"{ds}_s_per_step", _s_per_step(run)),
+            (f"{ds}_peak_memory_gib", memory),
+            (f"{ds}_time_h", None if fit is None else fit / 3600.0),  # the paper's Table 6 units: hours and GB
+            (f"{ds}_memory_gb", memory),
+        ]
+    )
 
 
 def extract_k_sweep(run: Run) -> dict[str, float]:
@@ -307,13 +291,6 @@ def extract_hybrid_ratio(run: Run) -> dict[str, float]:
     r, h = int(adapter["r"]), int(adapter.get("hybrid_r") or 0)
     share = 100 if run.results.get("variant") in ("lora", "rslora") else round(100 * h / (r + h))
     return _collect([(f"hybrid={share}%", _eval_metric(run, "glue", "score"))])
-
-
-def extract_planted(run: Run) -> dict[str, float]:
-    """final_metrics val/gap_closed (percent) and val/loss (the final KL to the teacher)."""
-    gap = _num(_get(run.results, "final_metrics", "val/gap_closed"))
-    kl = _num(_get(run.results, "final_metrics", "val/loss"))
-    return _collect([("gap_closed", None if gap is None else 100.0 * gap), ("kl", kl)])
 
 
 def _by_profile(run: Run) -> dict[str, dict[str, list[float]]]:
@@ -453,193 +430,77 @@ def dynamic_average(cells: Cells) -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # the tables
 # ------------------------------------------------------------------------------------------------------------------
-_CS_LABELS = ("BoolQ", "PIQA", "SIQA", "HellaSwag", "WinoGrande", "ARC-e", "ARC-c", "OBQA")
-_NLG = (Metric("mt_bench", "MT-Bench", percent=False), Metric("gsm8k", "GSM8K"), Metric("humaneval", "HumanEval"))
-_SDS_METHODS = ("lora", "rslora", "lora_plus", "pissa", "dora", "sds_lora", "full")
-_RALORA_METHODS = ("lora", "ls_lora", "ralora", "ralora_pro", "full")
+EXTRACTORS: dict[str, Callable[[Run], dict[str, float]]] = {  # table.yaml `extract:` for derived column ids
+    "glue_by_task": extract_glue,
+    "image_by_dataset": extract_image,
+    "gid_by_dataset": extract_gid,
+    "overhead": extract_overhead,
+    "pass1_by_k": extract_k_sweep,
+    "glue_by_hybrid_share": extract_hybrid_ratio,
+    "claims": extract_claims,
+    "oracle": extract_oracle,
+}
+DERIVES: dict[str, Callable[[Cells], None]] = {  # table.yaml `derive:` (or {average_over: [ids]})
+    "dynamic_average": dynamic_average,
+    "overhead": derive_overhead,
+    "claims_verdicts": derive_claims,
+    "oracle_rows": derive_oracle,
+}
+CELL_TEXTS: dict[str, Callable[[str, Cell], str | None]] = {"verdict_words": claims_text}
+
+
+def extract_columns(columns: Mapping[str, tuple[str, ...]], percent: Mapping[str, bool]) -> Callable[[Run], dict]:
+    """The default extractor: each column's value at its results.json key path (`source`), fractions in percent."""
+
+    def extract(run: Run) -> dict[str, float]:
+        values = {}
+        for metric, path in columns.items():
+            v = _num(_get(run.results, *path))
+            if v is not None:
+                values[metric] = 100.0 * v if percent[metric] else v
+        return values
+
+    return extract
+
+
+def load_spec(doc: Mapping[str, Any]) -> TableSpec:
+    """A TableSpec from one table.yaml (experiments/<paper>/<table>/table.yaml; docs/tables.md explains the fields)."""
+    cols = doc.get("columns") or []
+    metrics = tuple(Metric(c["id"], c.get("label", ""), c.get("percent", True), c.get("decimals", 2)) for c in cols)
+    by_source = {c["id"]: tuple(c["source"]) for c in cols if c.get("source")}
+    name = doc.get("extract")
+    if name is not None and name not in EXTRACTORS:
+        raise ValueError(f"table {doc['id']}: extract={name!r} is unknown; allowed: {sorted(EXTRACTORS)}")
+    extract = EXTRACTORS[name] if name else extract_columns(by_source, {m.id: m.percent for m in metrics})
+    derive = doc.get("derive")
+    if isinstance(derive, Mapping):
+        derive = average_over(tuple(derive["average_over"]))
+    elif derive is not None:
+        derive = DERIVES[derive]
+    dyn = doc.get("dynamic_columns")
+    return TableSpec(
+        id=doc["id"],
+        title=doc["title"],
+        description=doc["description"],
+        extract=extract,
+        metrics=metrics,
+        methods=tuple(doc.get("methods") or ()),
+        experiments=tuple(doc.get("experiments") or ()),
+        sources=tuple(dict.fromkeys([*by_source.values(), *(tuple(p) for p in doc.get("sources") or ())])),
+        dynamic=None if dyn is None else Metric("", "", dyn.get("percent", True), dyn.get("decimals", 2)),
+        derive=derive,
+        pivot_rank=bool(doc.get("pivot_rank", False)),
+        files=tuple(doc.get("files") or ("results.json",)),
+        cell_text=CELL_TEXTS[doc["cell_text"]] if doc.get("cell_text") else None,
+        published_ids={c["id"]: c["published_id"] for c in cols if c.get("published_id")},
+        published_row=dict(doc.get("published_row") or {}),
+    )
 
 
 def _tables() -> dict[str, TableSpec]:
-    glue = tuple(Metric(t, t.upper() if t != "sst2" else "SST-2") for t in GLUE)
-    specs = [
-        TableSpec(
-            "ralora_glue",
-            "RaLoRA, GLUE (T5-Base)",
-            "eval.glue.score per GLUE task (config eval.glue_task / task.glue_task); Avg = mean of the eight task "
-            "means",
-            extract_glue,
-            (*glue, Metric("average", "Avg")),
-            ("lora", "ralora", "ralora_pro", "full"),
-            ("ralora_glue_t5",),
-            derive=average_over(GLUE),
-        ),
-        TableSpec(
-            "ralora_nlg",
-            "RaLoRA, NLG (LLaMA-3.1-8B)",
-            "eval.mt_bench.score (1-10), eval.gsm8k.accuracy, eval.humaneval.pass@1",
-            extract_nlg,
-            _NLG,
-            _RALORA_METHODS,
-            ("ralora_gsm8k_llama", "ralora_code_llama", "ralora_chat_llama"),  # one column each
-        ),
-        TableSpec(
-            "ralora_image",
-            "RaLoRA, image classification",
-            "eval.image.accuracy per dataset (eval.dataset / task.dataset); Avg over the datasets present",
-            extract_image,
-            (),
-            ("lora", "ralora", "ralora_pro", "full"),
-            ("ralora_image_clip",),
-            dynamic=Metric(""),
-            derive=dynamic_average,
-        ),
-        TableSpec(
-            "ralora_rank_ablation",
-            "RaLoRA, rank ablation (GSM8K, r = r_ref)",
-            "eval.gsm8k.accuracy",
-            extract_gsm8k,
-            (Metric("gsm8k", "GSM8K"),),
-            ("lora", "ls_lora", "ralora", "ralora_pro"),
-            ("ralora_rank_ablation", "ralora_gsm8k_llama"),
-        ),
-        TableSpec(
-            "ralora_gid",
-            "RaLoRA, GID per dataset",
-            "mean erank over the plan's modules (results.json plan.entries[*].erank, else RUN/gid.json; or a "
-            "lightning-ralora-gid gid_profile.json), per training dataset (config task.dataset)",
-            extract_gid,
-            (
-                Metric("gid_wizardlm", "WizardLM", False),
-                Metric("gid_code_feedback", "Code-Feedback", False),
-                Metric("gid_metamathqa", "MetaMathQA", False),
-            ),
-            dynamic=Metric("", percent=False),
-            files=("results.json", "gid_profile.json"),
-        ),
-        TableSpec(
-            "sds_commonsense",
-            "SDS-LoRA, Table 1 (commonsense reasoning)",
-            "eval.commonsense.<suite>/accuracy and eval.commonsense.average",
-            extract_commonsense,
-            (*(Metric(i, lab) for i, lab in zip(CS_IDS, _CS_LABELS, strict=True)), Metric("avg", "Avg")),
-            _SDS_METHODS,
-            ("sds_commonsense_llama", "sds_commonsense_gemma"),
-        ),
-        TableSpec(
-            "sds_nlg",
-            "SDS-LoRA, NLG",
-            "eval.gsm8k.accuracy, eval.math.accuracy, eval.humaneval.pass@1",
-            extract_nlg,
-            (Metric("gsm8k", "GSM8K"), Metric("math", "MATH"), Metric("humaneval", "HumanEval")),
-            _SDS_METHODS,
-            ("sds_math_llama", "sds_math_gemma", "sds_code_llama", "sds_code_gemma"),  # math columns, code column
-        ),
-        TableSpec(
-            "sds_image",
-            "SDS-LoRA, image classification",
-            "eval.image.accuracy per dataset (eval.dataset / task.dataset); Avg = mean of the five dataset means",
-            extract_image,
-            (*(Metric(d) for d in SDS_IMAGE), Metric("average", "Avg")),
-            _SDS_METHODS,
-            ("sds_image_vit",),
-            derive=average_over(SDS_IMAGE),
-        ),
-        TableSpec(
-            "sds_overhead",
-            "SDS-LoRA, training overhead vs LoRA",
-            "s/step = fit_time_s (else wall_time_s) / global_step; peak memory from results.json / final_metrics "
-            f"{' or '.join(MEMORY_KEYS)} (bytes); overhead % = 100 · (sds_lora mean / lora mean − 1), same model, rank "
-            "and training set; published: Table 6 (model, rank and GPU not stated)",
-            extract_overhead,
-            tuple(
-                Metric(f"{ds}_{key}", f"{label} {heading}", False, decimals)
-                for ds, label in zip(OVERHEAD_DATASETS, ("MetaMathQA", "Code-Feedback"), strict=True)
-                for key, heading, decimals in (
-                    ("s_per_step", "s/step", 4),
-                    ("peak_memory_gib", "peak GiB", 2),
-                    ("time_overhead_pct", "time +%", 2),
-                    ("memory_overhead_pct", "memory +%", 2),
-                )
-            ),
-            ("lora", "sds_lora"),
-            derive=derive_overhead,
-        ),
-        TableSpec(
-            "gralora_code",
-            "GraLoRA, code generation (HumanEval+ pass@1) by rank",
-            "eval.humaneval_plus.pass@1; columns = total rank r (+ hybrid_r)",
-            extract_humaneval_plus,
-            (Metric("pass@1"),),
-            ("lora", "gralora", "hybrid_gralora"),
-            ("gralora_code_llama",),
-            pivot_rank=True,
-        ),
-        TableSpec(
-            "gralora_k_sweep",
-            "GraLoRA, k sweep (HumanEval+ pass@1)",
-            "eval.humaneval_plus.pass@1 per config.adapter.k",
-            extract_k_sweep,
-            dynamic=Metric(""),
-        ),
-        TableSpec(
-            "gralora_hybrid_ratio",
-            "GraLoRA, hybrid ratio (GLUE MRPC)",
-            "eval.glue.score of MRPC runs per shared share hybrid_r / (r + hybrid_r)",
-            extract_hybrid_ratio,
-            dynamic=Metric(""),
-        ),
-        TableSpec(
-            "planted_compare",
-            "Planted comparison (tiny model, CPU)",
-            "final_metrics val/gap_closed (percent) and val/loss (final KL to the teacher)",
-            extract_planted,
-            (Metric("gap_closed", "gap closed %"), Metric("kl", "final KL", False, 4)),
-            ("lora", "rslora", "ralora", "ralora_pro", "ls_lora", "gralora", "hybrid_gralora", "sds_lora", "dora"),
-            ("planted_compare",),
-        ),
-        TableSpec(
-            "claims",
-            "Claims test bed: planted profiles, layer-local loss (tiny model, CPU)",
-            "task_summary.planted per target, averaged over the targets of each profile: gap:<profile> = layer-local "
-            "gap closed (percent), ceiling:<profile> = the best share the run's structure can represent on the "
-            "validation inputs (percent); verdict:<profile> = +1 the method beats LoRA beyond 3 std (the claim "
-            "holds), −1 LoRA wins beyond 3 std (does not hold), 0 within noise. The claims: RaLoRA on block (and its "
-            "controls decay, low), GraLoRA on outlier, SDS-LoRA on skewed; flat is open",
-            extract_claims,
-            tuple(  # grouped per profile; profiles outside the defaults follow as dynamic columns
-                Metric(f"{key}:{profile}", f"{profile} {label}", False, decimals)
-                for profile in ("low", "block", "decay", "flat", "outlier", "skewed")
-                for key, label, decimals in (("ceiling", "ceiling", 1), ("gap", "gap", 1), ("cos", "cos", 3))
-                + (("verdict", "verdict", 0),)
-            ),
-            methods=("lora", "ralora", "gralora", "gralora_auto", "sds_lora"),
-            experiments=("claims",),
-            dynamic=Metric("", percent=False, decimals=1),
-            derive=derive_claims,
-            cell_text=claims_text,
-        ),
-        TableSpec(
-            "claims_oracle",
-            "Claims oracle: the best fixed structure per planted profile vs the GID rule's pick (tiny model, CPU)",
-            "task_summary.planted per target, averaged over the targets of each profile: gap:<profile> = layer-local "
-            "gap closed (percent), n:<profile> = the block count (RaLoRA) or grid size (GraLoRA) it was trained with; "
-            "ralora_n<n> / gralora_k<k> are fixed structures, oracle_* the best of them per profile, ralora and "
-            "gralora_auto the GID rule's per-layer pick",
-            extract_oracle,
-            methods=(
-                *(f"ralora_n{n}" for n in (1, 2, 4, 8)),
-                "oracle_ralora",
-                "ralora",
-                *(f"gralora_k{k}" for k in (1, 2, 4, 8)),
-                "oracle_gralora",
-                "gralora_auto",
-            ),
-            experiments=("claims_oracle",),
-            dynamic=Metric("", percent=False, decimals=1),
-            derive=derive_oracle,
-        ),
-    ]
-    return {s.id: s for s in specs}
+    from .catalog import table_docs
+
+    return {table_id: load_spec(doc) for table_id, (_, doc) in table_docs().items()}
 
 
 TABLES: dict[str, TableSpec] = _tables()
@@ -805,16 +666,7 @@ def rows(spec: TableSpec, cells: Cells) -> list[Group]:
 # ------------------------------------------------------------------------------------------------------------------
 # published values
 # ------------------------------------------------------------------------------------------------------------------
-# our metric id -> the published tables' id, where the papers name a column differently
-PUBLISHED_METRIC = {("ralora_glue", "average"): "glue_avg", ("ralora_image", "average"): "image_avg7"}
-# table -> the published row (model, rank, method) a row of ours compares with, where the paper keys it otherwise
-PUBLISHED_ROW: dict[str, Callable[[str, int | None, str], tuple[str, int | None, str]]] = {
-    "sds_overhead": lambda model, rank, method: ("unspecified", None, method),  # Table 6 states no model or rank
-    "ralora_gid": lambda model, rank, method: (model, None, "full"),  # GID of the full fine-tuning gradients
-}
-
-
-def published_lookup() -> Callable[[str, str, int | None, str, str], float | None]:
+def published_lookup(spec: TableSpec) -> Callable[[str, int | None, str, str], float | None]:
     """`lightning_ralora.published.published_cell` as a mean-or-None function; no published values without it."""
     try:
         module = importlib.import_module(f"{__package__}.published")
@@ -823,12 +675,11 @@ def published_lookup() -> Callable[[str, str, int | None, str, str], float | Non
         return lambda *args: None
     broken: list[str] = []
 
-    def lookup(table: str, model: str, rank: int | None, method: str, metric: str) -> float | None:
-        metric = PUBLISHED_METRIC.get((table, metric), metric)
-        if table in PUBLISHED_ROW:
-            model, rank, method = PUBLISHED_ROW[table](model, rank, method)
+    def lookup(model: str, rank: int | None, method: str, metric: str) -> float | None:
+        metric = spec.published_ids.get(metric, metric)
+        row = {"model": model, "rank": rank, "method": method, **spec.published_row}
         try:
-            cell = fn(table, model, rank, method, metric)
+            cell = fn(spec.id, row["model"], row["rank"], row["method"], metric)
         except Exception as e:  # a lookup bug costs the published column, not the table
             if not broken:
                 warn(f"published values unavailable ({type(e).__name__}: {e})")
@@ -872,11 +723,11 @@ class Table:
     columns: list[Metric]
     rows: list[Group]
     runs: list[Run]
-    published: Callable[[str, str, int | None, str, str], float | None]
+    published: Callable[[str, int | None, str, str], float | None]
     warnings: list[str] = field(default_factory=list)
 
     def pub(self, group: Group, metric: str) -> float | None:
-        return self.published(self.spec.id, group[0], group[1], group[2], metric)
+        return self.published(group[0], group[1], group[2], metric)
 
     def csv_rows(self) -> list[list[Any]]:
         """One line per measured cell (missing cells have none); full precision; std empty for one seed."""
@@ -906,7 +757,7 @@ class Table:
             f"# {spec.title} (`{spec.id}`)",
             "",
             f"Mean ± sample std over seeds ({len(self.runs)} runs); in brackets the published value and the difference "
-            f"(ours − published); {MISSING}: no runs. Source: {spec.sources}.",
+            f"(ours − published); {MISSING}: no runs. Source: {spec.description}.",
             "",
             "",
         ]
@@ -959,7 +810,7 @@ def build(spec: TableSpec, dirs: Sequence[str | Path]) -> Table:
     if problem:
         raise TableInputError([problem])
     cells = aggregate(spec, runs)
-    return Table(spec, cells, columns(spec, cells), rows(spec, cells), runs, published_lookup(), list(notes))
+    return Table(spec, cells, columns(spec, cells), rows(spec, cells), runs, published_lookup(spec), list(notes))
 
 
 def write(table: Table, out: Path) -> tuple[Path, Path]:
