@@ -1,25 +1,30 @@
-"""The numbers the source papers publish, cell by cell (lightning_ralora/published_data/<paper>.yaml)."""
+"""The numbers the source papers publish, cell by cell: each reproduced table's cells are in its folder's table.yaml
+(`published:`), the papers' other tables in `experiments/<paper>/paper.yaml` (lightning_ralora/catalog.py)."""
 
 from __future__ import annotations
 
 import copy
 from functools import cache
-from pathlib import Path
 from typing import Any
 
-import yaml
+from .catalog import paper_docs, table_docs
 
-DATA_DIR = Path(__file__).resolve().parent / "published_data"
 PAPERS = ("ralora", "sds_lora", "gralora")
 
 
 @cache
 def _load(paper: str) -> dict[str, Any]:
-    """Parse one paper's yaml once."""
-    path = DATA_DIR / f"{paper}.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"published numbers for {paper!r} not found at {path} (package data missing?)")
-    return yaml.safe_load(path.read_text())
+    """One paper's record with every published table of it: paper.yaml's, and those in its table folders."""
+    docs = paper_docs()
+    if paper not in docs:
+        raise FileNotFoundError(f"published numbers for {paper!r} not found (experiments/{paper}/paper.yaml missing?)")
+    doc = copy.deepcopy(docs[paper])
+    tables = dict(doc.get("tables") or {})
+    for table_id, (folder, spec) in table_docs().items():
+        if folder.parent.name == paper and spec.get("published"):
+            tables[table_id] = copy.deepcopy(spec["published"])
+    doc["tables"] = tables
+    return doc
 
 
 def load_published(paper: str | None = None) -> dict[str, Any]:
@@ -40,7 +45,7 @@ def _index() -> dict[tuple[str, str, int | None, str, str], tuple[float, float |
             for cell in spec["cells"]:
                 key = (table, cell["model"], cell["rank"], cell["method"], cell["metric"])
                 if key in index:
-                    raise ValueError(f"duplicate published cell {key} in {paper}.yaml")
+                    raise ValueError(f"duplicate published cell {key} in {paper}'s tables")
                 index[key] = (float(cell["mean"]), None if cell.get("std") is None else float(cell["std"]))
     return index
 

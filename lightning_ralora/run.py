@@ -1,5 +1,6 @@
 """The parts of a run that train.py orchestrates: config composition, loggers, callbacks, the results record and
-the end-of-run summary. The Hydra configs ship inside the package (CONF_DIR)."""
+the end-of-run summary. The Hydra configs ship inside the package (CONF_DIR); the sweep configs of the paper tables
+(experiments/<paper>/<table>/<name>.yaml) are registered as `experiment=<name>` when this module is imported."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import torch
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from .catalog import register_experiments
 from .config import ConfigError
 from .secrets import redact
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+register_experiments()
 T = TypeVar("T")
 
 
