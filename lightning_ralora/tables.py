@@ -2,11 +2,11 @@
 
 Every `results.json` below the given directories is one run. Runs are grouped by (model, rank, method):
 `model`, `config.adapter.r` (+ `config.adapter.hybrid_r`, the total rank of Hybrid GraLoRA; empty for full
-fine-tuning) and `variant`. The table's spec (its folder's table.yaml: `TABLES`) says where its metrics come from; each cell is the mean ± the
-sample standard deviation (n − 1) over distinct seeds, accuracies in percent. Writes `DIR/<ID>.md` (rows = methods in
-model/rank blocks, the published value and the difference beside each cell) and `DIR/<ID>.csv` (columns `CSV_HEADER`;
-one line per measured cell: missing cells are "—" in the markdown and have no csv line). `--wandb` also logs the
-table to the runs' W&B project (offline without credentials).
+fine-tuning) and `variant`. The table's spec (its folder's table.yaml, `TABLES`) says where its metrics come from;
+each cell is the mean ± the sample standard deviation (n − 1) over distinct seeds, accuracies in percent. Writes
+`DIR/<ID>.md` (rows = methods in model/rank blocks, the published value and the difference beside each cell) and
+`DIR/<ID>.csv` (columns `CSV_HEADER`; one line per measured cell: missing cells are "—" in the markdown and have no
+csv line). `--wandb` also logs the table to the runs' W&B project (offline without credentials).
 
 Runs left out, with a warning on stderr: results.json unreadable or missing a required key, a `status` other than
 `completed`, no metric of the table. A seed seen twice in one group (a re-run or requeue) counts once: the run whose

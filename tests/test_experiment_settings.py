@@ -13,11 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_ralora.adapters import ADAPTER_CLASSES
+from lightning_ralora.catalog import sweep_configs
 from lightning_ralora.config import ConfigError, validate_config
 from lightning_ralora.gid import GIDStat, build_ralora_plan
 from lightning_ralora.methods import apply_method_settings
 from lightning_ralora.modules.adapter_module import spec_from_cfg
-from lightning_ralora.run import CONF_DIR, compose_config
+from lightning_ralora.run import compose_config
 
 SDS_METHODS = ["lora", "rslora", "lora_plus", "pissa", "dora", "sds_lora", "full"]
 SDS_LR = {  # SDS-LoRA paper, Table 10: (LoRA-based lr, full-FT lr)
@@ -216,7 +217,7 @@ def test_gralora_k_resolver() -> None:
 # --------------------------------------------------------------------------------------------------------------
 # every experiment: each method of its table composes, validates, and asks for suites that exist
 # --------------------------------------------------------------------------------------------------------------
-EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(sweep_configs())
 
 
 def _methods(experiment: str) -> list[str]:

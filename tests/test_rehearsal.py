@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_ralora.run import CONF_DIR
+from lightning_ralora.catalog import sweep_configs
 from lightning_ralora.tables import GLUE, MISSING, SDS_IMAGE, TABLES
 from lightning_ralora.tables import main as tables_main
 from lightning_ralora.train import train
@@ -20,7 +20,7 @@ from lightning_ralora.train import train
 from .conftest import make_cfg
 from .helpers import serve_judge
 
-EXPERIMENTS = sorted(p.stem for p in (Path(CONF_DIR) / "experiment").glob("*.yaml"))
+EXPERIMENTS = sorted(sweep_configs())
 SEEDS = (0, 1)
 
 # experiment -> (the method rehearsed, {table id: the metric ids the experiment fills in that table})
@@ -37,6 +37,7 @@ PLAN: dict[str, tuple[str, dict[str, tuple[str, ...]]]] = {
     "ralora_image_clip": ("ralora", {"ralora_image": ("cars",)}),
     "ralora_gsm8k_llama": ("ralora", {"ralora_nlg": ("gsm8k",), "ralora_gid": ("gid_metamathqa",)}),
     "ralora_rank_ablation": ("ls_lora", {"ralora_rank_ablation": ("gsm8k",)}),
+    "ralora_rank_ablation_code": ("ls_lora", {"ralora_rank_ablation": ("humaneval",)}),
     "sds_code_gemma": ("dora", {"sds_nlg": ("humaneval",)}),
     "sds_code_llama": ("lora_plus", {"sds_nlg": ("humaneval",)}),
     "sds_commonsense_gemma": ("sds_lora", {"sds_commonsense": tuple(m.id for m in TABLES["sds_commonsense"].metrics)}),
@@ -61,6 +62,8 @@ def rehearse(runs: Path, experiment: str | None, method: str, seed: int, judge_u
     """Train + evaluate one rehearsal run (in-process) below `runs`; its run directory."""
     run_dir = runs / f"{method}_seed{seed}"
     overrides = [*([f"experiment={experiment}"] if experiment else []), "debug=rehearsal", f"adapter={method}"]
+    if experiment and "eval.allow_code_execution=true" in sweep_configs()[experiment].read_text():
+        overrides.append("eval.allow_code_execution=true")  # as the experiment's own command (the real run needs it)
     overrides += [f"seed={seed}", f"eval.judge.base_url={judge_url}", "eval.judge.model=judge-model", *extra]
     overrides += ["wandb.mode=disabled"]
     train(make_cfg(run_dir, overrides, fast=False))

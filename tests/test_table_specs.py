@@ -96,11 +96,12 @@ def test_every_published_column_has_a_source(table: str) -> None:
     with the reason (a dynamic table's columns come from the runs)."""
     spec = TABLES[table]
     _, doc = table_docs()[table]
-    published = {c["metric"] for c in (doc.get("published") or {}).get("cells", [])} - set(doc.get("not_measured") or {})
+    cells = (doc.get("published") or {}).get("cells", [])
+    published = {c["metric"] for c in cells} - set(doc.get("not_measured") or {})
     ours = {spec.published_ids.get(m.id, m.id) for m in spec.metrics}
     if spec.dynamic is None:
         assert published <= ours, f"{table}: published columns {sorted(published - ours)} have no column"
-    for cell in (doc.get("published") or {}).get("cells", [])[:3]:
+    for cell in cells[:3]:
         assert published_cell(table, cell["model"], cell["rank"], cell["method"], cell["metric"])[0] == cell["mean"]
 
 
@@ -123,7 +124,8 @@ def test_rehearsal_changes_only_scale_and_location(experiment: str, tmp_path: Pa
         protocol = [k for k in changed if PROTOCOL.fullmatch(k)]
         assert not protocol, f"{experiment}/{method}: the rehearsal changes protocol keys {protocol}"
         other = [k for k in changed if not any(re.fullmatch(p, k) for p in REHEARSAL_MAY_CHANGE)]
-        assert not other, f"{experiment}/{method}: the rehearsal changes {[(k, real.get(k), shrunk.get(k)) for k in other]}"
+        shown = [(k, real.get(k), shrunk.get(k)) for k in other]
+        assert not other, f"{experiment}/{method}: the rehearsal changes {shown}"
         assert shrunk["trainer.accelerator"] == "cpu" and shrunk["model.pretrained"] is None
 
 
