@@ -4,8 +4,9 @@ use below `<run_dir>/rehearsal_data/` by the `${rehearsal_data:RUN_DIR,KIND,...}
 Kinds: `sft,PROMPT_KEY,RESPONSE_KEY` (training JSONL with the experiment's columns), `glue,TASK` (GLUE rows with the
 task's columns, JSONL; TASK None: text/label), `gsm8k` ({question, answer "#### N"}), `math` ({problem, solution with
 \\boxed{}}), `humaneval` / `humaneval_plus` ({task_id, prompt, test, entry_point, canonical_solution}), `mt_bench`
-(FastChat's {question_id, category, turns}), `commonsense` (an LLM-Adapters folder of <subset>/test.json with
-{instruction, answer}), `images` (an imagefolder of two colour classes, train/ and test/). The content is
+(FastChat's {question_id, category, turns}), `mt_bench_reference` (FastChat's reference answers file), `commonsense`
+(LLM-Adapters' dataset/ folder: <name>/test.json with {instruction, input, output, answer}, under its folder names),
+`images` (an imagefolder of two colour classes, train/ and test/). The content is
 deterministic; a file that exists is left as it is.
 """
 
@@ -84,31 +85,46 @@ def _humaneval() -> Rows:
     ]
 
 
+MT_BENCH_CATEGORIES = ("writing", "math", "coding", "reasoning")
+
+
 def _mt_bench() -> Rows:
-    categories = ("writing", "math", "coding", "reasoning")
     return [
         {"question_id": 81 + i, "category": c, "turns": [f"Say something about {c}.", "Now say it shorter."]}
-        for i, c in enumerate(categories)
+        for i, c in enumerate(MT_BENCH_CATEGORIES)
     ]
 
 
-_ANSWERS = {
+def _mt_bench_reference() -> Rows:
+    """Reference answers in FastChat's model-answer format for every question (the judge reads those it needs)."""
+    return [
+        {"question_id": 81 + i, "model_id": "gpt-4", "choices": [{"index": 0, "turns": [f"About {c}.", "Shorter."]}]}
+        for i, c in enumerate(MT_BENCH_CATEGORIES)
+    ]
+
+
+_ANSWERS = {  # LLM-Adapters' dataset/ folder names -> answer words
     "boolq": ("true", "false"),
     "piqa": ("solution1", "solution2"),
-    "siqa": ("answer1", "answer2", "answer3"),
+    "social_i_qa": ("answer1", "answer2", "answer3"),
     "hellaswag": ("ending1", "ending2", "ending3", "ending4"),
     "winogrande": ("option1", "option2"),
-    "arc_challenge": ("answer1", "answer2", "answer3", "answer4"),
-    "arc_easy": ("answer1", "answer2", "answer3", "answer4"),
+    "ARC-Challenge": ("answer1", "answer2", "answer3", "answer4"),
+    "ARC-Easy": ("answer1", "answer2", "answer3", "answer4"),
     "openbookqa": ("answer1", "answer2", "answer3", "answer4"),
 }
 
 
 def _commonsense(root: Path) -> None:
-    """<root>/<subset>/test.json for the eight subsets (a JSON list of {instruction, answer}, as LLM-Adapters)."""
+    """<root>/<name>/test.json for the eight sets, as LLM-Adapters ships them (a JSON list of rows)."""
     for subset, answers in _ANSWERS.items():
         rows = [
-            {"instruction": f"Question {i} of {subset}. Answer format: {'/'.join(answers)}", "answer": answers[i % 2]}
+            {
+                "instruction": f"Question {i} of {subset}. Answer format: {'/'.join(answers)}",
+                "input": "",
+                "output": f"the correct answer is {answers[i % 2]}",
+                "answer": answers[i % 2],
+            }
             for i in range(N_COMMONSENSE)
         ]
         _write(root / subset / "test.json", json.dumps(rows, indent=0))
@@ -157,6 +173,7 @@ ROWS: dict[str, Callable[..., Rows]] = {
     "humaneval": _humaneval,
     "humaneval_plus": _humaneval,
     "mt_bench": _mt_bench,
+    "mt_bench_reference": _mt_bench_reference,
 }
 
 
