@@ -137,3 +137,19 @@ def test_the_allowlist_can_fail(tmp_path: Path) -> None:
     diff = {k for k in real.keys() | changed.keys() if real.get(k) != changed.get(k)} - {"overrides"}
     assert {k for k in diff if PROTOCOL.fullmatch(k)} >= {"task.template", "eval.num_beams"}
     assert any(k.startswith("eval.suites") for k in diff)
+
+
+CARD_FIELDS = ("Training data", "Evaluation", "Metric", "Reference")
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_every_table_has_a_protocol_card_listed_in_the_index(table: str) -> None:
+    """Each table folder holds protocol.md with the protocol's fields, and docs/protocols.md links it."""
+    folder = table_docs()[table][0]
+    card = (folder / "protocol.md").read_text()
+    planted = "planted" in card  # our CPU test beds have a task, not training data
+    for name in CARD_FIELDS:
+        assert f"| {name}" in card or (planted and name == "Training data"), f"{table}: card lacks {name}"
+    index = (Path(__file__).resolve().parents[1] / "docs" / "protocols.md").read_text()
+    rel = folder.relative_to(folder.parents[1])
+    assert f"experiments/{rel.as_posix()}/protocol.md" in index, f"docs/protocols.md does not link {table}'s card"
