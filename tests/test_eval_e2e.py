@@ -195,6 +195,7 @@ def test_commonsense_folder_end_to_end(sft_run) -> None:
     for rec in _records(run, "commonsense"):
         assert rec["reference"] == refs[rec["id"]]
         assert rec["correct"] == (rec["extracted"] is not None and rec["extracted"] == rec["reference"])
+        assert rec["num_beams"] == 4  # LLM-Adapters' beam search, the default protocol
         assert rec["prompt"].startswith("Below is an instruction")  # the run's task.template (alpaca)
 
 

@@ -71,12 +71,13 @@ def fake_generate(outputs: dict[str, Any]):
     ],
 )
 def test_gsm8k_rule(completion: str, reference: str, expected: bool) -> None:
-    assert gsm8k_correct(completion, reference) is expected
+    """The lenient rule (`eval.extract=lenient`); the reference rule is tested in test_protocol_math.py."""
+    assert gsm8k_correct(completion, reference, extract="lenient") is expected
 
 
 def test_gsm8k_marker_is_case_insensitive_and_wins_over_last_number() -> None:
-    assert gsm8k_correct("the answer is 7 because 3 + 4 = 7 and not 8", "7")
-    assert not gsm8k_correct("the answer is 7 because 3 + 4 = 7 and not 8", "8")
+    assert gsm8k_correct("the answer is 7 because 3 + 4 = 7 and not 8", "7", extract="lenient")
+    assert not gsm8k_correct("the answer is 7 because 3 + 4 = 7 and not 8", "8", extract="lenient")
 
 
 def test_gsm8k_bad_reference_is_a_data_error() -> None:
@@ -104,7 +105,8 @@ def test_gsm8k_bad_reference_is_a_data_error() -> None:
     ],
 )
 def test_math_rule(completion: str, reference: str, expected: bool) -> None:
-    assert math_correct(completion, reference) is expected
+    """The lenient rule (`eval.extract=lenient`); the reference rule is tested in test_protocol_math.py."""
+    assert math_correct(completion, reference, extract="lenient") is expected
 
 
 def test_math_extraction() -> None:
@@ -122,7 +124,12 @@ def test_math_reference_from_solution() -> None:
     assert [e.reference for e in examples] == [r"\frac{1}{\sqrt{2}}", "7"]
     assert examples[0].prompt == render_prompt("alpaca", "p")
     with pytest.raises(EvalDataError, match="row 1"):
-        MathSuite().examples([{"problem": "p", "solution": "no box"}], None)
+        MathSuite(extract="lenient").examples([{"problem": "p", "solution": "no box"}], None)
+    with pytest.raises(EvalDataError, match="row 1"):  # neither an answer nor a solution, under either rule
+        MathSuite().examples([{"problem": "p"}], None)
+    # MetaMath keeps a problem whose solution has no readable box and scores it wrong
+    (unboxed,) = MathSuite().examples([{"problem": "p", "solution": "no box"}], None)
+    assert unboxed.reference is None and not MathSuite().score("The answer is: no box", unboxed)["correct"]
 
 
 # ---------------------------------------------------------------------------------------------------------- commonsense
@@ -135,7 +142,8 @@ def test_math_reference_from_solution() -> None:
         ("piqa", "the correct answer is solution2", "solution2", True),
         ("piqa", "Solution1", "solution1", False),
         ("siqa", "answer3", "answer3", True),
-        ("siqa", "answer4", "answer3", False),  # not in siqa's pattern
+        ("siqa", "answer4", "answer3", False),  # extracted (answer1-5 as ARC/OBQA in LLM-Adapters), but wrong
+        ("social_i_qa", "answer5", "answer5", True),  # LLM-Adapters' name for siqa
         ("hellaswag", "ending4 fits best", "ending4", True),
         ("hellaswag", "ending5", "ending4", False),
         ("winogrande", "option1", "option1", True),
@@ -145,6 +153,8 @@ def test_math_reference_from_solution() -> None:
         ("arc_easy", "answer2 ... but maybe answer1", "answer1", False),
         ("openbookqa", "  answer4\n", "answer4", True),
         ("openbookqa", "none of them", "answer1", False),
+        ("winogrande", "option1\n\n### Response:\noption2", "option1", True),  # cut at a further "### Response:"
+        ("winogrande", "### Response: option2", "option2", False),
     ],
 )
 def test_choice_rule(suite: str, completion: str, reference: str, expected: bool) -> None:
@@ -213,6 +223,7 @@ def test_completion_truncated_at_stop_strings() -> None:
 
 
 def test_instruct_code_extraction() -> None:
+    """The lenient rule (`eval.extract=lenient`); EvalPlus's rule (the default) is in test_protocol_humaneval.py."""
     completion = (
         "Here is an example:\n```python\nprint('hi')\n```\nAnd the solution:\n```python\n"
         "def add(xs):\n    return sum(xs)\n```\nDone."
@@ -220,10 +231,14 @@ def test_instruct_code_extraction() -> None:
     assert extract_code(completion, "add") == "def add(xs):\n    return sum(xs)\n"
     assert extract_code("```py\nx = 1\n```", "add") == "x = 1\n"
     assert extract_code("def add(xs): return 0", "add") == "def add(xs): return 0"  # no fence: as is
-    program = build_program(PROMPT, completion, "add", mode="instruct")
+    program = build_program(PROMPT, completion, "add", mode="instruct", extract="lenient")
     assert program == "from typing import List\ndef add(xs):\n    return sum(xs)\n"
-    body_only = build_program(PROMPT, "```python\n    return sum(xs)\n```", "add", mode="instruct")
+    body_only = build_program(PROMPT, "```python\n    return sum(xs)\n```", "add", mode="instruct", extract="lenient")
     assert body_only == PROMPT + "    return sum(xs)\n"
+    # the default (EvalPlus's sanitize): the prompt's import, then the answer's function; a bare body is no program
+    reference = build_program(PROMPT, completion, "add", mode="instruct")
+    assert reference == "from typing import List\n\n\ndef add(xs):\n    return sum(xs)\n"
+    assert "return sum(xs)" not in build_program(PROMPT, "```python\n    return sum(xs)\n```", "add", mode="instruct")
 
 
 def test_humaneval_executes_correct_and_wrong_completions() -> None:
@@ -252,7 +267,7 @@ def test_humaneval_instruct_prompt_and_raw_evalplus_rows() -> None:
 
 # ----------------------------------------------------------------------------------------- run() with a fake generator
 def test_gsm8k_run_and_aggregate() -> None:
-    suite = GSM8KSuite()
+    suite = GSM8KSuite(extract="lenient")
     rows = [{"question": f"q{i}", "answer": f"work\n#### {i}"} for i in range(4)]
     examples = suite.examples(rows, "alpaca")
     outs = {examples[0].prompt: "The answer is 0.", examples[1].prompt: "#### 1", examples[2].prompt: "so 7",
@@ -265,7 +280,7 @@ def test_gsm8k_run_and_aggregate() -> None:
 
 
 def test_math_run_and_aggregate() -> None:
-    suite = SUITES["math500"]()
+    suite = SUITES["math500"](extract="lenient")
     rows = [
         {"problem": "a", "answer": r"\frac{1}{2}"},
         {"problem": "b", "answer": "3"},
@@ -297,6 +312,7 @@ def test_commonsense_run_and_aggregate() -> None:
         "winogrande/n": 1,
         "average": pytest.approx((0.5 + 0.5 + 1.0) / 3),
         "n": 7,
+        "num_beams": 4,
     }
 
 

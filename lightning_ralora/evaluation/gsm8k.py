@@ -1,14 +1,23 @@
 """GSM8K (grade-school math word problems), scored by the final number of the completion.
 
-Rule: when an answer marker ("The answer is", case-insensitive, or "####") occurs, the prediction is the first
-number after the LAST marker (none there: no prediction); otherwise the last number in the completion. `$` signs
-are dropped, thousands separators ("1,234") are read as one number, a sentence's trailing period is not part of the
-number, and a minus sign counts only when it is not preceded by a word character ("5-3" is 5 and 3). Correct when
-the prediction equals the reference within 1e-4. The reference is a bare number or a GSM8K answer ("... #### 18").
+Two answer-extraction rules, chosen by `eval.extract` (null: `reference`):
+
+- `reference`: MetaMath's eval_gsm8k.py (meta-math/MetaMath; PiSSA's utils/test_acc.py repeats it). Only the text
+  after the last "The answer is: " (exact case, colon and one space) counts; without it the completion is invalid
+  (wrong). There the first match of `[-+]?\\d*[.,/]?\\d+` is read with its comma dropped ("1,234" -> 1234;
+  "1,234,567" matches only "1,234"), an `a/b` match is divided ("b" == "0": the numerator alone), and the value is
+  rounded to an integer (Python's `round`, half to even: "18.5" -> 18). Correct when it equals the gold integer.
+- `lenient`: our forgiving rule. After the last answer marker ("The answer is", any case, or "####") the first
+  number, else the last number of the completion; `$` dropped, "1,234" read whole, a minus only when not after a
+  word character ("5-3" is 5 and 3); correct within 1e-4.
+
+The gold is the number after "####" in a GSM8K answer ("... #### 18"), or a bare number. Generation follows the
+reference: greedy, at most 512 new tokens, cut at MetaMath's stop strings (`REFERENCE_STOP`).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -18,10 +27,57 @@ from lightning_ralora.evaluation.base import EvalDataError, Example, GenerationS
 # stop strings for free-text answers in the shared templates (alpaca / metamath) and common end-of-turn markers
 TEXT_STOP: tuple[str, ...] = ("\n\n### Instruction", "\n### Instruction", "</s>", "<|im_end|>", "<|eot_id|>")
 
+# the vLLM stop list of MetaMath's eval_gsm8k.py and eval_math.py, in its order (generation ends before the first)
+REFERENCE_STOP: tuple[str, ...] = (
+    "Question:",
+    "Question",
+    "USER:",
+    "USER",
+    "ASSISTANT:",
+    "ASSISTANT",
+    "Instruction:",
+    "Instruction",
+    "Response:",
+    "Response",
+)
+
+# `eval.extract` values of the GSM8K and MATH suites
+EXTRACT_RULES: tuple[str, ...] = ("reference", "lenient")
+
+# MetaMath's answer marker: its training responses end "The answer is: <answer>"
+ANSWER_MARKER = "The answer is: "
+
+_REFERENCE_NUMBER = re.compile(r"[-+]?\d*[.,/]?\d+")
 _MARKER = re.compile(r"the answer is|####", re.IGNORECASE)
 # a number: optional minus (not after a word character), comma-grouped or plain digits, optional decimals
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
 _TOLERANCE = 1e-4
+
+
+def check_extract(extract: str) -> str:
+    """`extract` when it names a rule; ValueError naming `eval.extract` and the allowed values otherwise."""
+    if extract not in EXTRACT_RULES:
+        raise ValueError(f"eval.extract={extract!r} is unknown; allowed: {list(EXTRACT_RULES)} (null: reference)")
+    return extract
+
+
+def reference_gsm8k_answer(completion: str) -> int | None:
+    """MetaMath's prediction: the first number after the last "The answer is: ", rounded; None when invalid."""
+    if ANSWER_MARKER not in completion:
+        return None
+    match = _REFERENCE_NUMBER.search(completion.rsplit(ANSWER_MARKER, 1)[1].strip())
+    if match is None:
+        return None
+    token = match.group()
+    if "/" in token:
+        numerator, denominator = token.split("/")
+        if not numerator.lstrip("+-"):  # "/5", "-/5": the numerator is not a number
+            return None
+        if int(denominator) == 0:  # MetaMath: a "0" denominator gives the numerator (others crash its script)
+            return round(float(numerator))
+        return round(int(numerator) / int(denominator))
+    value = float(token.replace(",", ""))
+    return None if math.isinf(value) else round(value)
 
 
 def _numbers(text: str) -> list[float]:
@@ -30,7 +86,7 @@ def _numbers(text: str) -> list[float]:
 
 
 def extract_gsm8k_answer(completion: str) -> float | None:
-    """The predicted number: the first after the last answer marker, else the last number; None when absent."""
+    """The lenient prediction: the first number after the last answer marker, else the last number; None if absent."""
     markers = list(_MARKER.finditer(completion))
     if markers:
         found = _numbers(completion[markers[-1].end() :])
@@ -40,7 +96,7 @@ def extract_gsm8k_answer(completion: str) -> float | None:
 
 
 def parse_gsm8k_reference(reference: str | float | int) -> float:
-    """The reference number: a bare number, or the number after '####' in a GSM8K answer (ValueError otherwise)."""
+    """The gold number: a bare number, or the number after '####' in a GSM8K answer (ValueError otherwise)."""
     if isinstance(reference, int | float):
         return float(reference)
     text = str(reference)
@@ -52,21 +108,33 @@ def parse_gsm8k_reference(reference: str | float | int) -> float:
     return found[0]
 
 
-def gsm8k_correct(completion: str, reference: str) -> bool:
-    """Whether the completion's final number equals the reference (a bare number or a '#### N' answer)."""
+def gsm8k_verdict(completion: str, gold: float, extract: str = "reference") -> tuple[bool, float | int | None]:
+    """(correct, extracted) of one completion against the gold number under the `extract` rule."""
+    if check_extract(extract) == "reference":
+        predicted: float | int | None = reference_gsm8k_answer(completion)
+        return predicted is not None and float(predicted) == float(gold), predicted
     predicted = extract_gsm8k_answer(completion)
-    return predicted is not None and abs(predicted - parse_gsm8k_reference(reference)) < _TOLERANCE
+    return predicted is not None and abs(predicted - gold) < _TOLERANCE, predicted
+
+
+def gsm8k_correct(completion: str, reference: str | float | int, extract: str = "reference") -> bool:
+    """Whether the completion's answer equals the gold (a bare number or a '#### N' answer) under `extract`."""
+    return gsm8k_verdict(completion, parse_gsm8k_reference(reference), extract)[0]
 
 
 @register_suite
 class GSM8KSuite(GenerationSuite):
-    """GSM8K test (1,319 problems): rows `question`, `answer` ('... #### N'); accuracy of the final number."""
+    """GSM8K test (1,319 problems): rows `question`, `answer` ('... #### N'); accuracy of the final number.
+    `extract` (`eval.extract`): `reference` (MetaMath's rule, the default) or `lenient`."""
 
     name: ClassVar[str] = "gsm8k"
     hub: ClassVar[HubSource | None] = HubSource("openai/gsm8k", "main", "test")
     required_keys: ClassVar[tuple[str, ...]] = ("question", "answer")
-    stop: ClassVar[tuple[str, ...]] = TEXT_STOP
-    max_new_tokens: ClassVar[int] = 512
+    stop: ClassVar[tuple[str, ...]] = REFERENCE_STOP
+    max_new_tokens: ClassVar[int] = 512  # MetaMath's eval_gsm8k.py: max_tokens=512
+
+    def __init__(self, extract: str = "reference") -> None:
+        self.extract = check_extract(extract)
 
     def examples(self, rows: Sequence[Mapping[str, Any]], template: str | None) -> list[Example]:
         """One example per row; the reference is the number after '####' (EvalDataError when there is none)."""
@@ -83,7 +151,6 @@ class GSM8KSuite(GenerationSuite):
         return out
 
     def score(self, completion: str, example: Example) -> dict[str, Any]:
-        """`correct` and the `extracted` number (None when the completion holds none)."""
-        extracted = extract_gsm8k_answer(completion)
-        correct = extracted is not None and abs(extracted - float(example.reference)) < _TOLERANCE
-        return {"correct": correct, "extracted": extracted}
+        """`correct`, the `extracted` number (None when there is none) and the `extract` rule that scored it."""
+        correct, extracted = gsm8k_verdict(completion, float(example.reference), self.extract)
+        return {"correct": correct, "extracted": extracted, "extract": self.extract}
