@@ -6,6 +6,12 @@ checkpoints of hub backbones included), else RUN/export; the prompt template is 
 The evaluation runs in Lightning's test stage with the configured strategy: `trainer=ddp trainer.devices=2`
 starts 2 processes and each generates its shard. Outputs: RUN/eval.json, RUN/eval/<suite>.jsonl and
 results.json["eval"]. Bad input is one line on stderr and exit code 2, with nothing written.
+
+`eval.completions=FILE` scores existing completions without a model: FILE is JSONL (or .jsonl.gz), one line per
+example in the suite's order ({"completion": ...}, {"completions": [...]} for n samples, {"turns": [a1, a2]} or
+FastChat's {"question_id", "choices": [{"turns": [...]}]} for MT-Bench), matched by `task_id` / `id` /
+`question_id` instead when the lines carry one. RUN needs no checkpoint and is created if missing; its saved config
+(results.json or the checkpoint), when there is one, gives the prompt template.
 """
 
 from __future__ import annotations
@@ -95,23 +101,90 @@ def load_module(run_cfg: dict[str, Any], ckpt: Path | None, export: Path | None)
     return module
 
 
+def _run_config_if_any(run_dir: Path) -> dict[str, Any]:
+    """The run's saved config when RUN holds one (results.json or a checkpoint); {} otherwise."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if (run_dir / "results.json").is_file() or ckpt.is_file():
+        try:
+            return saved_run_config(run_dir, ckpt if ckpt.is_file() else None)
+        except EvalInputError:
+            return {}
+    return {}
+
+
+def _tokenizer_source(run_cfg: dict[str, Any], ckpt: Path | None, export: Path | None) -> str | None:
+    """Where the evaluated model's tokenizer comes from, as `load_module` loads it: the run's `model.tokenizer`, or
+    the export folder when there is no checkpoint."""
+    return str(export) if ckpt is None and export is not None else (run_cfg.get("model") or {}).get("tokenizer")
+
+
+def _print_metrics(metrics: dict[str, dict[str, float]], run_dir: Path) -> None:
+    """One line of metrics per suite and where eval.json is (rank 0)."""
+    for name, m in metrics.items():
+        print(f"{name}: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))))
+    print(f"  eval:    {(run_dir / 'eval.json').resolve()}", flush=True)
+
+
+def score_completions(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """`eval.completions=FILE`: every check (suites, data, the file against the examples) before anything runs,
+    then the suites' own `run` and scoring on the file's completions; outputs as a model's evaluation."""
+    from .evaluation.base import EvalDataError
+    from .evaluation.runner import (
+        EvalConfigError,
+        attach_completions,
+        prepare,
+        run_jobs,
+        run_template,
+        template_tokenizer,
+    )
+
+    run_dir = Path(cfg.run_dir)
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise EvalInputError(f"run_dir={run_dir}: not a directory")
+        run_cfg = _run_config_if_any(run_dir)
+        template = cfg.eval.get("template") or run_template(run_cfg)
+        tok = template_tokenizer(template, (run_cfg.get("model") or {}).get("tokenizer")) if run_cfg else None
+        if template == "chat" and tok is None:
+            raise EvalInputError(f"template=chat needs the run's tokenizer: run_dir={run_dir} holds no run config")
+        jobs = prepare(eval_cfg, template, None, tok)  # no model: any run's family can be scored from a file
+        attach_completions(jobs, eval_cfg)
+    except (EvalInputError, EvalConfigError, EvalDataError) as err:
+        _fail(str(err))
+    metrics = run_jobs(None, jobs, eval_cfg, run_dir)
+    _print_metrics(metrics, run_dir)
+    return metrics
+
+
 def evaluate_run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """Check the input, load the run's model, and evaluate it in Lightning's test stage."""
     import lightning as L
 
     from .evaluation.base import EvalDataError
-    from .evaluation.runner import EvalConfigError, prepare, run_template, run_test_stage, suite_names
+    from .evaluation.runner import (
+        EvalConfigError,
+        prepare,
+        run_template,
+        run_test_stage,
+        suite_names,
+        template_tokenizer,
+    )
 
     run_dir = Path(cfg.run_dir)
     try:
         if not suite_names(cfg.eval):
             raise EvalInputError(f"no suite selected: pass eval=<suite> (one of {eval_groups()}) or eval.suites=[...]")
-        ckpt, export = find_model(run_dir)
-        run_cfg = saved_run_config(run_dir, ckpt)
-        template = cfg.eval.get("template") or run_template(run_cfg)
-        jobs = prepare(cfg.eval, template, (run_cfg.get("model") or {}).get("family"))
+        if not cfg.eval.get("completions"):
+            ckpt, export = find_model(run_dir)
+            run_cfg = saved_run_config(run_dir, ckpt)
+            template = cfg.eval.get("template") or run_template(run_cfg)
+            tok = template_tokenizer(template, _tokenizer_source(run_cfg, ckpt, export))
+            jobs = prepare(cfg.eval, template, (run_cfg.get("model") or {}).get("family"), tok)
     except (EvalInputError, EvalConfigError, EvalDataError) as err:
         _fail(str(err))
+    if cfg.eval.get("completions"):
+        return score_completions(cfg)
     module = load_module(run_cfg, ckpt, export)
     kwargs = {k: v for k, v in trainer_kwargs(cfg).items() if k in TRAINER_KEYS}
     trainer = L.Trainer(
@@ -125,9 +198,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, dict[str, float]]:
     )
     metrics = run_test_stage(trainer, module, jobs, OmegaConf.to_container(cfg.eval, resolve=True), run_dir)
     if trainer.is_global_zero:
-        for name, m in metrics.items():
-            print(f"{name}: " + "  ".join(f"{k} {v:.4g}" for k, v in m.items() if isinstance(v, (int, float))))
-        print(f"  eval:    {(run_dir / 'eval.json').resolve()}", flush=True)
+        _print_metrics(metrics, run_dir)
     return metrics
 
 

@@ -71,6 +71,56 @@ def test_stop_strings_cut_the_completion(tiny_lm) -> None:
     assert generate(["ab"], stop=[stop], max_new_tokens=12)[0] == full[: full.find(stop)]
 
 
+def _hf_beams(model, tok, prompt: str, n: int = 1, **kwargs) -> list[str]:
+    """transformers' own beam search on one unpadded prompt (no batching, no wrapper): the reference."""
+    ids = torch.tensor([tok(prompt, add_special_tokens=False)["input_ids"]])
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), num_beams=3, num_return_sequences=n, do_sample=False,
+        max_new_tokens=12, pad_token_id=tok.pad_token_id, **kwargs,
+    )  # fmt: skip
+    texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+    return [truncate_at_stop(t, kwargs.get("stop_strings", ())) for t in texts]
+
+
+def test_batched_beam_search_equals_one_prompt_at_a_time(tiny_lm) -> None:
+    """Left-padded batches of beam search give each prompt what transformers' beam search gives it alone: the best
+    beam, the n best (prompt-major), and with stop strings (transformers' own `stop_strings` criterion as the
+    reference: a beam that reaches one is finished)."""
+    model, tok = tiny_lm
+    prompts = ["The answer is 42 because", "ab", "a medium prompt", "xyz"]
+    generate = make_generate(model, tok, batch_size=4, progress=False)
+    beams = generate(prompts, max_new_tokens=12, num_beams=3)
+    assert beams == [_hf_beams(model, tok, p)[0] for p in prompts]
+    assert beams != generate(prompts, max_new_tokens=12)  # beam search is not greedy search on this model
+    top3 = generate(prompts, max_new_tokens=12, num_beams=3, num_return_sequences=3)
+    assert top3 == [t for p in prompts for t in _hf_beams(model, tok, p, n=3)]
+    stops = sorted({c for t in beams for c in t if c.isascii() and c.isprintable() and not c.isspace()})[:3]
+    cut = generate(prompts, stop=stops, max_new_tokens=12, num_beams=3)
+    assert cut == [_hf_beams(model, tok, p, stop_strings=stops, tokenizer=tok)[0] for p in prompts]
+    alone = make_generate(model, tok, batch_size=1, progress=False)
+    assert cut == [alone([p], stop=stops, max_new_tokens=12, num_beams=3)[0] for p in prompts]
+    assert cut != beams and not any(s in t for t in cut for s in stops)  # the stops took effect
+    with pytest.raises(ValueError, match="at most num_beams"):
+        generate(prompts, max_new_tokens=4, num_beams=2, num_return_sequences=3)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_gives_n_per_prompt(tiny_lm) -> None:
+    model, tok = tiny_lm
+    prompts = ["The answer is 42 because", "ab", "a medium prompt"]
+    generate = make_generate(model, tok, batch_size=2, progress=False, seed=7)
+    state = torch.get_rng_state()
+    samples = generate(prompts, max_new_tokens=8, num_return_sequences=4, temperature=1.0)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+    assert len(samples) == 4 * len(prompts)
+    assert samples == generate(prompts, max_new_tokens=8, num_return_sequences=4, temperature=1.0)
+    other = make_generate(model, tok, batch_size=2, progress=False, seed=8)
+    assert samples != other(prompts, max_new_tokens=8, num_return_sequences=4, temperature=1.0)
+    assert all(len(set(samples[4 * i : 4 * i + 4])) > 1 for i in range(len(prompts)))  # 4 different draws each
+    # top_k=1 sampling draws the greedy token: each prompt's 3 samples are its greedy completion (prompt-major)
+    greedy = generate(prompts, max_new_tokens=8)
+    assert generate(prompts, max_new_tokens=8, num_return_sequences=3, top_k=1) == [g for g in greedy for _ in "abc"]
+
+
 def test_shards_are_disjoint_and_cover_every_example() -> None:
     shards = [shard_indices(N_EVAL, r, 2) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == list(range(N_EVAL)) and not set(shards[0]) & set(shards[1])

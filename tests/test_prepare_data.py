@@ -3,6 +3,7 @@ and every encoding setting, `setup` (every rank) reads it; the examples are exac
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from lightning_ralora.data.datamodule import ListDataModule
-from lightning_ralora.data.tokenizer import byte_tokenizer
+from lightning_ralora.data.tokenizer import byte_tokenizer, load_tokenizer
 from lightning_ralora.tasks import sft as sft_module
 from lightning_ralora.tasks.classification import ClassificationTask
 from lightning_ralora.tasks.sft import SFTTask, encode_pair, sft_collator
@@ -19,6 +20,7 @@ from lightning_ralora.templates import render_prompt
 from lightning_ralora.train import train
 
 from .conftest import make_cfg, run_cli
+from .test_bos import _save_tokenizer
 
 N_ROWS = 64  # rows of the sft_file fixture
 
@@ -96,6 +98,48 @@ def test_changed_max_length_template_or_tokenizer_gets_its_own_cache_file(hf_cac
     before = tokenizer_key(used)
     used("a long text", truncation=True, max_length=3)  # sets the backend's truncation state: not the encoding
     assert tokenizer_key(used) == before == tokenizer_key(byte_tokenizer())
+
+
+def test_add_special_tokens_gets_its_own_cache_file(hf_cache: Path, sft_file: Path, tmp_path: Path) -> None:
+    """With a tokenizer that adds a BOS, task.add_special_tokens changes the encoding, so it names the cache file:
+    each setting's cached rows are encode_pair's with that setting (BOS first, or none)."""
+    tok_dir = _save_tokenizer(tmp_path / "tok", "bos")
+    tasks = {special: _sft(sft_file, add_special_tokens=special) for special in (True, False)}
+    for task in tasks.values():
+        task.tokenizer = load_tokenizer(str(tok_dir))
+        task.model_cfg["tokenizer"] = str(tok_dir)
+    train_rows, _ = load_split(tasks[True].cfg, seed=0)
+    files = {special: t.datamodule().source.cache_file(train_rows, "train") for special, t in tasks.items()}
+    assert files[True] != files[False]
+    tok = tasks[True].tokenizer
+    for special, task in tasks.items():
+        dm = task.datamodule()
+        dm.prepare_data()
+        assert dm.encoded_examples == N_ROWS and Path(files[special]).is_file()
+        rank = task.datamodule()
+        rank.setup("fit")
+        assert rank.encoded_examples == 0
+        for item, row in zip(rank.train, train_rows, strict=True):
+            ref = encode_pair(tok, render_prompt("alpaca", row["prompt"]), row["response"], 12, special)
+            assert torch.equal(item["input_ids"], ref["input_ids"]) and torch.equal(item["labels"], ref["labels"])
+            assert (item["input_ids"][0].item() == tok.bos_token_id) is special
+
+
+def test_gzipped_jsonl_training_data(hf_cache: Path, sft_file: Path, tmp_path: Path) -> None:
+    """task.data_files=...jsonl.gz: checked and loaded as its JSONL (datasets' json builder reads gzip), giving the
+    same encoded rows as the plain file; a bad gzipped line is named as in a plain file."""
+    gz = tmp_path / "sft.jsonl.gz"
+    with gzip.open(gz, "wt", encoding="utf-8") as fh:
+        fh.write(sft_file.read_text())
+    assert SFTTask.validate(_sft(gz).cfg, {"family": "causal_lm", "tokenizer": "bytes"}) == []
+    plain, zipped = _sft(sft_file).datamodule(), _sft(gz).datamodule()
+    for a, b in zip(plain.train, zipped.train, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["labels"], b["labels"])
+    bad = tmp_path / "bad.jsonl.gz"
+    with gzip.open(bad, "wt", encoding="utf-8") as fh:
+        fh.write('{"prompt": "1+1=", "response": "2"}\nnot json\n')
+    problems = SFTTask.validate(_sft(bad).cfg, {"family": "causal_lm", "tokenizer": "bytes"})
+    assert len(problems) == 1 and f"task.data_files={bad}: line 2 is not valid JSON" in problems[0], problems
 
 
 def test_second_prepare_reuses_the_cache(hf_cache: Path, sft_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:

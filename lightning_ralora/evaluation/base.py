@@ -7,6 +7,7 @@ A suite module (one per suite: gsm8k.py, math.py, ...) defines a `GenerationSuit
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,10 +53,10 @@ class GenerationSuite:
     tokenizer: Any = None  # set by the runner: `template=chat` renders through the tokenizer's chat template
 
     def prompt(self, template: str | None, instruction: str, input: str | None = None) -> str:
-        """`instruction` in the shared prompt template (the one the SFT run trained with)."""
+        """`instruction` in the shared prompt template (the one the SFT run trained with), as its evaluation prompt."""
         from lightning_ralora.templates import render_prompt
 
-        return render_prompt(template, instruction, input, tokenizer=self.tokenizer)
+        return render_prompt(template, instruction, input, tokenizer=self.tokenizer, stage="eval")
 
     def examples(self, rows: Sequence[Mapping[str, Any]], template: str | None) -> list[Example]:
         """Examples from data rows, prompts rendered with the shared prompt template (`task.template`)."""
@@ -114,26 +115,44 @@ def register_classification_suite(name: str) -> Callable[[ClassificationEval], C
     return wrap
 
 
-def read_rows(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a local JSONL or JSON (list) file; EvalDataError names the first bad line."""
+def _open_text(path: Path) -> str:
+    """The text of a file; `.gz` files (OpenAI ships HumanEval as HumanEval.jsonl.gz) are decompressed."""
+    if path.suffix != ".gz":
+        return path.read_text(encoding="utf-8")
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return fh.read()
+
+
+def read_rows(path: str | Path, field: str = "eval.data_files") -> list[dict[str, Any]]:
+    """Rows of a local JSONL or JSON (list) file, optionally gzipped (`.jsonl.gz`, `.json.gz`); EvalDataError names
+    `field`, the file and the first bad line."""
+    return [row for _, row in read_numbered_rows(path, field)]
+
+
+def read_numbered_rows(path: str | Path, field: str = "eval.data_files") -> list[tuple[int, Any]]:
+    """(line number, row) of each non-blank JSONL line (a JSON list: (index + 1, row)), as `read_rows` reads them."""
     path = Path(path)
     if not path.is_file():
-        raise EvalDataError(f"eval.data_files={str(path)}: file not found")
-    text = path.read_text()
-    if path.suffix == ".json":
+        raise EvalDataError(f"{field}={str(path)}: file not found")
+    try:
+        text = _open_text(path)
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise EvalDataError(f"{field}={path}: cannot be read as UTF-8 text ({err})") from None
+    inner = Path(path.stem) if path.suffix == ".gz" else path  # HumanEval.jsonl.gz -> HumanEval.jsonl
+    if inner.suffix == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise EvalDataError(f"eval.data_files={path}: not valid JSON ({err})") from None
+            raise EvalDataError(f"{field}={path}: not valid JSON ({err})") from None
         if not isinstance(data, list):
-            raise EvalDataError(f"eval.data_files={path}: a JSON file must hold a list of rows")
-        return data
+            raise EvalDataError(f"{field}={path}: a JSON file must hold a list of rows")
+        return list(enumerate(data, start=1))
     rows = []
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((i, json.loads(line)))
         except json.JSONDecodeError as err:
-            raise EvalDataError(f"eval.data_files={path}: line {i} is not valid JSON ({err.msg})") from None
+            raise EvalDataError(f"{field}={path}: line {i} is not valid JSON ({err.msg})") from None
     return rows

@@ -2,7 +2,8 @@
 shard -> rank 0 gathers every record and writes RUN/eval.json, RUN/eval/<suite>.jsonl, results.json["eval"] and W&B.
 
 Two steps so that bad input fails before any model is loaded or anything is written: `prepare` (suites, rows,
-examples, the code-execution gate) and `run_jobs` (generation and outputs). Multi-process runs go through
+examples, the code-execution gate; `attach_completions` for `eval.completions`) and `run_jobs` (generation, or the
+replay of a completions file, and outputs). Multi-process runs go through
 Lightning's test stage (`run_test_stage`): `AdapterModule.on_test_epoch_end` calls back into `run_jobs` on every
 rank, inside the strategy's process group.
 """
@@ -23,7 +24,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..io import write_json_atomic
-from .base import CLASSIFICATION_SUITES, SUITES, EvalDataError, Example, GenerationSuite, read_rows
+from .base import (
+    CLASSIFICATION_SUITES,
+    SUITES,
+    EvalDataError,
+    Example,
+    GenerationSuite,
+    read_numbered_rows,
+    read_rows,
+)
 
 TABLE_ROWS = 200  # examples in the W&B table
 TABLE_COLUMNS = ("prompt", "completion", "extracted", "reference", "correct")
@@ -35,12 +44,15 @@ class EvalConfigError(ValueError):
 
 @dataclass
 class SuiteJob:
-    """One suite ready to run: its examples (generation suites) or its scoring function (classification suites)."""
+    """One suite ready to run: its examples (generation suites) or its scoring function (classification suites);
+    `completions` (from `eval.completions`): per example, its samples, each a list of turns, replayed instead of
+    generated."""
 
     name: str
     suite: GenerationSuite | None = None
     examples: list[Example] = field(default_factory=list)
     classify: Callable[..., tuple[dict[str, float], list[dict[str, Any]]]] | None = None
+    completions: list[list[list[str]]] | None = None
 
 
 def _plain(cfg: Any) -> dict[str, Any]:
@@ -73,14 +85,15 @@ def eval_requested(cfg: Mapping[str, Any]) -> bool:
     return bool(suite_names(cfg.get("eval")))
 
 
-def _data_file(cfg: Mapping[str, Any], name: str, n_suites: int) -> Any:
-    files = cfg.get("data_files")
+def _data_file(cfg: Mapping[str, Any], name: str, n_suites: int, key: str = "data_files") -> Any:
+    """The suite's entry of `eval.<key>` (data_files, completions): one file, or {suite: file} for several suites."""
+    files = cfg.get(key)
     if isinstance(files, Mapping):  # {suite: file}; with one suite, a mapping of its own (commonsense subsets)
-        return files.get(name, files if n_suites == 1 else None)
+        return files.get(name, files if n_suites == 1 and key == "data_files" else None)
     if files and n_suites > 1:
         raise EvalConfigError(
-            f"eval.data_files={files} is one file but eval.suites lists {n_suites} suites; give a mapping "
-            "eval.data_files={suite: file}"
+            f"eval.{key}={files} is one file but eval.suites lists {n_suites} suites; give a mapping "
+            f"eval.{key}={{suite: file}}"
         )
     return files or None
 
@@ -163,8 +176,131 @@ def prepare(
         suite.check_rows(rows, source)
         if cfg.get("max_samples"):
             rows = rows[: int(cfg["max_samples"])]
-        jobs.append(SuiteJob(n, suite=suite, examples=suite.examples(rows, template)))
+        try:
+            examples = suite.examples(rows, template)
+        except EvalDataError:
+            raise
+        except ValueError as err:  # e.g. template=chat without a tokenizer that has a chat template
+            raise EvalConfigError(f"eval={n}: {err}") from None
+        jobs.append(SuiteJob(n, suite=suite, examples=examples))
     return jobs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# eval.completions: score a file of completions without a model
+# ------------------------------------------------------------------------------------------------------------------
+ID_KEYS = ("task_id", "id", "question_id")  # a line's example id (HumanEval, ours, FastChat's model answers)
+SUITE_TURNS = {"mt_bench": 2}  # generate calls per example for suites that do not say (`turns` attribute)
+
+
+def _samples_of(row: Any, where: str) -> list[list[str]]:
+    """One line's samples, each a list of turns: {"completion": s}, {"completions": [s, ...]} (n samples),
+    {"turns": [a1, a2]} or FastChat's model answer {"choices": [{"turns": [a1, a2]}, ...]}."""
+    if not isinstance(row, Mapping):
+        raise EvalDataError(f"{where} is a {type(row).__name__}, not a JSON object")
+
+    def strings(value: Any, key: str) -> list[str]:
+        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            raise EvalDataError(f"{where}: `{key}` must be a non-empty list of strings")
+        return list(value)
+
+    if "completion" in row:
+        if not isinstance(row["completion"], str):
+            raise EvalDataError(f"{where}: `completion` must be a string")
+        return [[row["completion"]]]
+    if "completions" in row:
+        return [[c] for c in strings(row["completions"], "completions")]
+    if "turns" in row:
+        return [strings(row["turns"], "turns")]
+    if "choices" in row:
+        choices = row["choices"]
+        if not (isinstance(choices, list) and choices and all(isinstance(c, Mapping) for c in choices)):
+            raise EvalDataError(f'{where}: `choices` must be a non-empty list of {{"turns": [...]}} objects')
+        return [strings(c.get("turns"), "choices[].turns") for c in choices]
+    raise EvalDataError(f"{where} has none of `completion`, `completions`, `turns`, `choices`; it has {sorted(row)}")
+
+
+def _line_id(row: Mapping[str, Any]) -> str | None:
+    return next((str(row[k]) for k in ID_KEYS if row.get(k) is not None), None)
+
+
+def _by_id(lines: list[tuple[int, Any]], examples: Sequence[Example], field: str) -> list[tuple[int, Any]]:
+    """The lines in the examples' order, matched by id: every example exactly one line, else one error."""
+    ids = [ex.id for ex in examples]
+    if len(set(ids)) != len(ids):
+        raise EvalDataError(f"{field}: the suite's example ids are not unique; give the lines in suite order, no ids")
+    found: dict[str, tuple[int, Any]] = {}
+    for n, row in lines:
+        key = _line_id(row)
+        if key is None:
+            raise EvalDataError(f"{field}: line {n} has no id ({'/'.join(ID_KEYS)}) but other lines do")
+        if key in found:
+            raise EvalDataError(f"{field}: lines {found[key][0]} and {n} have the same id {key!r}")
+        found[key] = (n, row)
+    missing, extra = [i for i in ids if i not in found], sorted(set(found) - set(ids))
+    if missing or extra:
+
+        def show(what: str, xs: list[str]) -> str:
+            return f"{what} {xs[:5]}" + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
+
+        parts = ([show("missing", missing)] if missing else []) + ([show("extra", extra)] if extra else [])
+        raise EvalDataError(f"{field}: the ids do not match the suite's {len(ids)} examples: {'; '.join(parts)}")
+    return [found[i] for i in ids]
+
+
+def read_completions(path: str | Path, examples: Sequence[Example], turns: int = 1) -> list[list[list[str]]]:
+    """Per example, its samples (each `turns` texts) from a JSONL completions file: one line per example in the
+    suite's order, or matched by id when lines carry `task_id` / `id` / `question_id`. Every line must have the
+    same number of samples. EvalDataError (one line naming `eval.completions` and the file) on bad input."""
+    field = f"eval.completions={path}"
+    lines = read_numbered_rows(path, "eval.completions")
+    if any(isinstance(row, Mapping) and _line_id(row) is not None for _, row in lines):
+        lines = _by_id(lines, examples, field)
+    elif len(lines) != len(examples):
+        raise EvalDataError(f"{field}: {len(lines)} lines for {len(examples)} examples (one line per example)")
+    answers = [_samples_of(row, f"{field}: line {n}") for n, row in lines]
+    for (n, _), samples in zip(lines, answers, strict=True):
+        if len(samples) != len(answers[0]):
+            raise EvalDataError(
+                f"{field}: line {n} has {len(samples)} samples, line {lines[0][0]} has {len(answers[0])}; every "
+                "line needs the same number"
+            )
+        wrong = next((len(s) for s in samples if len(s) != turns), None)
+        if wrong is not None:
+            raise EvalDataError(f"{field}: line {n} has {wrong} turns; this suite needs {turns}")
+    return answers
+
+
+def attach_completions(jobs: Sequence[SuiteJob], eval_cfg: Mapping[str, Any]) -> None:
+    """Read `eval.completions` (one file, or {suite: file}) into each job and set the suite's sample count from the
+    file (HumanEval's `samples`). Classification suites and the lm_eval backend are refused: they score the model."""
+    cfg = _plain(eval_cfg)
+    if (cfg.get("backend") or "builtin") != "builtin":
+        raise EvalConfigError("eval.completions scores a file with the builtin suites; eval.backend must be builtin")
+    for job in jobs:
+        if job.classify is not None or job.suite is None:
+            raise EvalConfigError(
+                f"eval.completions: eval={job.name} is scored on the model's logits, not on completions; "
+                f"allowed: generation suites {sorted(SUITES)}"
+            )
+    for job in jobs:
+        path = _data_file(cfg, job.name, len(jobs), "completions")
+        if not path:
+            raise EvalConfigError(f"eval.completions has no file for eval={job.name}; give {{suite: file}}")
+        turns = int(getattr(job.suite, "turns", SUITE_TURNS.get(job.name, 1)))
+        answers = read_completions(path, job.examples, turns)
+        n = len(answers[0]) if answers else 1
+        if hasattr(job.suite, "samples"):
+            if cfg.get("samples") is not None and int(cfg["samples"]) != n:
+                raise EvalConfigError(
+                    f"eval.samples={cfg['samples']} but eval.completions={path} has {n} samples per example"
+                )
+            job.suite.samples = n
+        elif n != 1:
+            raise EvalConfigError(
+                f"eval.completions={path} has {n} samples per example; eval={job.name} scores one completion each"
+            )
+        job.completions = answers
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -203,6 +339,16 @@ def _model_and_tokenizer(module_or_model: Any, tokenizer: Any) -> tuple[torch.nn
     return model, tok
 
 
+def generation_settings(module_or_model: Any, eval_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """How the run encoded its prompts and seeds sampling: `task.add_special_tokens` of the module's task config
+    (the run config; absent: true, the default) unless `eval.add_special_tokens` is set, and the run's seed."""
+    task = getattr(module_or_model, "task", None)
+    task_cfg = getattr(task, "cfg", None) or {}
+    special = eval_cfg.get("add_special_tokens")
+    special = task_cfg.get("add_special_tokens", True) if special is None else special
+    return {"add_special_tokens": bool(special), "seed": getattr(task, "seed", None)}
+
+
 def run_jobs(
     module_or_model: Any,
     jobs: Sequence[SuiteJob],
@@ -212,7 +358,7 @@ def run_jobs(
 ) -> dict[str, dict[str, float]]:
     """Run prepared suites on this rank's shard, gather on every rank, and (rank 0) write the outputs.
     Returns {suite: {metric: value, "n": count}} on every rank."""
-    from .generate import make_generate
+    from .generate import ReplayGenerate, make_generate
 
     cfg = _plain(eval_cfg)
     rank, world = _dist()
@@ -227,11 +373,20 @@ def run_jobs(
             metrics[job.name] = {**m, "n": m.get("n", len(records))}
             records_by_suite[job.name] = records
             continue
-        model, tok = _model_and_tokenizer(module_or_model, tokenizer)
-        generate = make_generate(
-            model, tok, int(cfg.get("batch_size") or 8), max_new_tokens_cap=cfg.get("max_new_tokens") or None
-        )
         mine = shard_indices(len(job.examples), rank, world)
+        if job.completions is not None:  # eval.completions: the file's texts instead of a model's
+            generate: Callable[..., list[str]] = ReplayGenerate(
+                [job.examples[i].prompt for i in mine], [job.completions[i] for i in mine]
+            )
+        else:
+            model, tok = _model_and_tokenizer(module_or_model, tokenizer)
+            generate = make_generate(
+                model,
+                tok,
+                int(cfg.get("batch_size") or 8),
+                max_new_tokens_cap=cfg.get("max_new_tokens") or None,
+                **generation_settings(module_or_model, cfg),
+            )
         # an empty shard still runs: under FSDP its generate calls keep the ranks' collectives in step
         records = job.suite.run(generate, [job.examples[i] for i in mine])
         records = gather_records([{"index": i, **r} for i, r in zip(mine, records, strict=True)])
@@ -358,7 +513,32 @@ def prepare_training_eval(cfg: Mapping[str, Any]) -> list[SuiteJob]:
 
     if not eval_requested(cfg):
         return []
+    if (cfg.get("eval") or {}).get("completions"):
+        raise ConfigError(
+            [
+                "eval.completions scores a file without a model: use lightning-ralora-eval run_dir=DIR eval=SUITE "
+                "eval.completions=FILE, not a training run"
+            ]
+        )
+    template = run_template(cfg)
+    model = cfg.get("model") or {}
     try:
-        return prepare(cfg["eval"], run_template(cfg), (cfg.get("model") or {}).get("family"))
+        return prepare(cfg["eval"], template, model.get("family"), template_tokenizer(template, model.get("tokenizer")))
     except (EvalConfigError, EvalDataError) as err:
         raise ConfigError([str(err)]) from None
+
+
+def template_tokenizer(template: str | None, tokenizer: str | None) -> Any:
+    """The tokenizer the prompts are rendered with when `template=chat` (its chat template, as the run's task
+    loads it: `model.tokenizer`); None for the other templates, which need none."""
+    if template != "chat":
+        return None
+    from ..data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(tokenizer)
+    except (OSError, ValueError) as err:
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise EvalConfigError(
+            f"template=chat renders prompts with the tokenizer model.tokenizer={tokenizer!r}: cannot load it ({msg})"
+        ) from None

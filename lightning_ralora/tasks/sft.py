@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..data.datamodule import ListDataModule
-from ..data.tokenizer import load_tokenizer
+from ..data.tokenizer import encode_prompt, load_tokenizer, special_affixes
 from ..templates import TEMPLATES, render_prompt
 from .base import Task
 from .text_data import EncodedText, check_data_source, tokenizer_key
@@ -18,15 +18,23 @@ from .text_data import EncodedText, check_data_source, tokenizer_key
 IGNORE = -100
 
 
-def encode_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, torch.Tensor]:
-    """Token ids of prompt + response + eos, with labels = -100 on the prompt. Over max_length, the response keeps
-    at least half of it (all, if shorter) and the prompt loses its beginning: an example whose labels were all
-    masked would make the loss NaN (the prompt's end, e.g. "### Response:", stays next to the response)."""
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def encode_pair(
+    tokenizer, prompt: str, response: str, max_length: int, add_special_tokens: bool = True
+) -> dict[str, torch.Tensor]:
+    """Token ids of prompt + response + eos, with labels = -100 on the prompt. The prompt is encoded as the
+    references tokenize their text (`encode_prompt`: the tokenizer's BOS first where it adds one, never two, no EOS
+    inside the prompt; `add_special_tokens=False`: the text's ids only); the response gets no special tokens at its
+    start and EOS at its end. Over max_length, the response keeps at least half of it (all, if shorter) and the
+    prompt loses the beginning of its text, after its leading special ids: an example whose labels were all masked
+    would make the loss NaN (the prompt's end, e.g. "### Response:", stays next to the response)."""
+    prefix = special_affixes(tokenizer)[0] if add_special_tokens else []
+    p_ids = encode_prompt(tokenizer, prompt, add_special_tokens, prefix)
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(p_ids) + len(r_ids) > max_length:
         r_ids = r_ids[: min(len(r_ids), max(max_length - len(p_ids), max_length // 2, 1))]
-        p_ids = p_ids[len(p_ids) - (max_length - len(r_ids)) :]
+        budget = max_length - len(r_ids)
+        head = len(prefix) if prefix and p_ids[: len(prefix)] == prefix and budget > len(prefix) else 0
+        p_ids = p_ids[:head] + p_ids[len(p_ids) - (budget - head) :]
     ids = p_ids + r_ids
     labels = [IGNORE] * len(p_ids) + r_ids
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
@@ -55,6 +63,11 @@ class SFTTask(Task):
     def validate(cls, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
         keys = {"prompt_key": "prompt", "response_key": "response"}
         problems = super().validate(cfg, model_cfg) + check_data_source(cfg, keys)
+        if not isinstance(cfg.get("add_special_tokens", True), bool):
+            problems.append(
+                f"task.add_special_tokens={cfg.get('add_special_tokens')!r} must be true (the tokenizer's BOS "
+                "before the prompt, as the references tokenize) or false (the prompt text's ids only)"
+            )
         if (cfg.get("template") or "none") not in TEMPLATES:
             problems.append(f"task.template={cfg.get('template')!r} is unknown; allowed: {list(TEMPLATES)}")
         return problems
@@ -76,13 +89,15 @@ class SFTTask(Task):
     def encode_row(self, row: Mapping[str, Any]) -> dict[str, list[int]]:
         """One data row as `encode_pair` encodes it (the prompt rendered in `task.template`), as lists."""
         pk, rk = self.cfg.get("prompt_key", "prompt"), self.cfg.get("response_key", "response")
-        enc = encode_pair(self.tokenizer, self.prompt(row[pk]), row[rk], self.cfg["max_length"])
+        special = self.cfg.get("add_special_tokens", True)
+        enc = encode_pair(self.tokenizer, self.prompt(row[pk]), row[rk], self.cfg["max_length"], special)
         return {k: v.tolist() for k, v in enc.items()}
 
     def encoding_key(self) -> dict[str, Any]:
         """Everything besides the data that changes `encode_row`'s output (names the encoding cache)."""
         keys = ("template", "max_length", "prompt_key", "response_key")
-        return {"task": self.name, "tokenizer": tokenizer_key(self.tokenizer), **{k: self.cfg.get(k) for k in keys}}
+        key = {"task": self.name, "tokenizer": tokenizer_key(self.tokenizer), **{k: self.cfg.get(k) for k in keys}}
+        return {**key, "add_special_tokens": self.cfg.get("add_special_tokens", True)}
 
     def prompt(self, instruction: str) -> str:
         """The training prompt in `task.template` (the evaluation runner renders its prompts the same way)."""
