@@ -4,6 +4,7 @@ them once per node into `Dataset.map` cache files that every rank reads."""
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -12,6 +13,19 @@ from typing import Any
 
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 CHECK_LINES = 1000  # JSONL rows parsed by the pre-compute check (the rest is left to the loader)
+
+
+def local_suffix(path: str | Path) -> str:
+    """A local data file's format suffix: `.jsonl` for `train.jsonl` and for `train.jsonl.gz` (gzip-compressed)."""
+    path = Path(path)
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
+def _open_text(path: Path, **kwargs: Any):
+    """A text handle on a local data file, decompressing `.gz`."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace", **kwargs)
+    return path.open(encoding="utf-8", errors="replace", **kwargs)
 
 
 def _columns(cfg: Mapping[str, Any], keys: Mapping[str, str | None]) -> dict[str, str]:
@@ -27,8 +41,8 @@ def _columns(cfg: Mapping[str, Any], keys: Mapping[str, str | None]) -> dict[str
 def check_file_content(path: Path, name: str, columns: Mapping[str, str]) -> list[str]:
     """One line naming the file and the problem: an invalid JSONL row (first CHECK_LINES rows) or a row/CSV header
     without a required column."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as fh:
+    if local_suffix(path) == ".jsonl":
+        with _open_text(path) as fh:
             for i, line in enumerate(fh, 1):
                 if i > CHECK_LINES:
                     break
@@ -43,8 +57,8 @@ def check_file_content(path: Path, name: str, columns: Mapping[str, str]) -> lis
                 missing = [f"{c!r} ({k})" for c, k in columns.items() if c not in row]
                 if missing:
                     return [f"{name}={path}: line {i} has no column {', '.join(missing)}; it has {sorted(row)}"]
-    elif path.suffix == ".csv":
-        with path.open(newline="", encoding="utf-8", errors="replace") as fh:
+    elif local_suffix(path) == ".csv":
+        with _open_text(path, newline="") as fh:
             header = next(csv.reader(fh), None)
         if not header:
             return [f"{name}={path}: empty CSV file (no header row)"]
@@ -66,8 +80,9 @@ def check_data_source(cfg: Mapping[str, Any], keys: Mapping[str, str | None] | N
         path = Path(f).expanduser()
         if not path.is_file():
             problems.append(f"task.data_files={f}: file not found")
-        elif path.suffix not in LOCAL_FORMATS:
-            problems.append(f"task.data_files={f}: suffix {path.suffix!r} unknown; allowed: {sorted(LOCAL_FORMATS)}")
+        elif local_suffix(path) not in LOCAL_FORMATS:
+            allowed = sorted(LOCAL_FORMATS) + [f"{s}.gz" for s in sorted(LOCAL_FORMATS) if s != ".parquet"]
+            problems.append(f"task.data_files={f}: suffix {''.join(path.suffixes)!r} unknown; allowed: {allowed}")
         else:
             problems += check_file_content(path, "task.data_files", columns)
     return problems
@@ -80,7 +95,7 @@ def load_split(cfg: Mapping[str, Any], seed: int):
     if cfg.get("data_files"):
         files = cfg["data_files"]
         first = files if isinstance(files, str) else files[0]
-        ds = datasets.load_dataset(LOCAL_FORMATS[Path(first).suffix], data_files=files, split="train")
+        ds = datasets.load_dataset(LOCAL_FORMATS[local_suffix(first)], data_files=files, split="train")
     else:
         ds = datasets.load_dataset(cfg["dataset"], cfg.get("dataset_config"), split=cfg.get("train_split", "train"))
     if cfg.get("max_samples"):
