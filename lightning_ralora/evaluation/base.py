@@ -50,6 +50,7 @@ class GenerationSuite:
     required_keys: ClassVar[tuple[str, ...]] = ()  # columns every data row must have
     stop: ClassVar[tuple[str, ...]] = ()  # stop strings: generation is cut at the first one
     max_new_tokens: ClassVar[int] = 512
+    turns: ClassVar[int] = 1  # generate calls per example (MT-Bench: 2), read by `eval.completions`'s replay
     tokenizer: Any = None  # set by the runner: `template=chat` renders through the tokenizer's chat template
 
     def prompt(self, template: str | None, instruction: str, input: str | None = None) -> str:

@@ -319,6 +319,7 @@ class MTBench(GenerationSuite):
     required_keys: ClassVar[tuple[str, ...]] = ("question_id", "category", "turns")
     stop: ClassVar[tuple[str, ...]] = ("\n### Instruction:",)
     max_new_tokens: ClassVar[int] = 1024  # FastChat's gen_model_answer default
+    turns: ClassVar[int] = 2
 
     def __init__(
         self,

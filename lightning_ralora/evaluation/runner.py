@@ -190,7 +190,6 @@ def prepare(
 # eval.completions: score a file of completions without a model
 # ------------------------------------------------------------------------------------------------------------------
 ID_KEYS = ("task_id", "id", "question_id")  # a line's example id (HumanEval, ours, FastChat's model answers)
-SUITE_TURNS = {"mt_bench": 2}  # generate calls per example for suites that do not say (`turns` attribute)
 
 
 def _samples_of(row: Any, where: str) -> list[list[str]]:
@@ -287,7 +286,7 @@ def attach_completions(jobs: Sequence[SuiteJob], eval_cfg: Mapping[str, Any]) ->
         path = _data_file(cfg, job.name, len(jobs), "completions")
         if not path:
             raise EvalConfigError(f"eval.completions has no file for eval={job.name}; give {{suite: file}}")
-        turns = int(getattr(job.suite, "turns", SUITE_TURNS.get(job.name, 1)))
+        turns = job.suite.turns
         answers = read_completions(path, job.examples, turns)
         n = len(answers[0]) if answers else 1
         if hasattr(job.suite, "samples"):
