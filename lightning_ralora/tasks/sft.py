@@ -19,15 +19,22 @@ IGNORE = -100
 
 
 def encode_pair(
-    tokenizer, prompt: str, response: str, max_length: int, add_special_tokens: bool = True
+    tokenizer,
+    prompt: str,
+    response: str,
+    max_length: int,
+    add_special_tokens: bool = True,
+    prefix: list[int] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Token ids of prompt + response + eos, with labels = -100 on the prompt. The prompt is encoded as the
     references tokenize their text (`encode_prompt`: the tokenizer's BOS first where it adds one, never two, no EOS
     inside the prompt; `add_special_tokens=False`: the text's ids only); the response gets no special tokens at its
     start and EOS at its end. Over max_length, the response keeps at least half of it (all, if shorter) and the
     prompt loses the beginning of its text, after its leading special ids: an example whose labels were all masked
-    would make the loss NaN (the prompt's end, e.g. "### Response:", stays next to the response)."""
-    prefix = special_affixes(tokenizer)[0] if add_special_tokens else []
+    would make the loss NaN (the prompt's end, e.g. "### Response:", stays next to the response). `prefix` is
+    `special_affixes(tokenizer)[0]` when the caller computed it once for every row."""
+    if prefix is None or not add_special_tokens:
+        prefix = special_affixes(tokenizer)[0] if add_special_tokens else []
     p_ids = encode_prompt(tokenizer, prompt, add_special_tokens, prefix)
     r_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(p_ids) + len(r_ids) > max_length:
@@ -75,6 +82,16 @@ class SFTTask(Task):
     def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], seed: int = 0) -> None:
         super().__init__(cfg, model_cfg, seed)
         self.tokenizer = load_tokenizer(model_cfg.get("tokenizer"))
+        self._probed: tuple[Any, list[int]] | None = None  # (tokenizer, its leading special ids)
+
+    def prompt_prefix(self) -> list[int]:
+        """The ids `encode_pair` puts before each prompt's text (`special_affixes`), probed once per tokenizer rather
+        than once per row; [] with `task.add_special_tokens=false`."""
+        if not self.cfg.get("add_special_tokens", True):
+            return []
+        if self._probed is None or self._probed[0] is not self.tokenizer:
+            self._probed = (self.tokenizer, special_affixes(self.tokenizer)[0])
+        return self._probed[1]
 
     def extra_model_config(self) -> dict[str, Any]:
         return {"pad_token_id": self.tokenizer.pad_token_id} if not self.model_cfg.get("pretrained") else {}
@@ -89,14 +106,16 @@ class SFTTask(Task):
     def encode_row(self, row: Mapping[str, Any]) -> dict[str, list[int]]:
         """One data row as `encode_pair` encodes it (the prompt rendered in `task.template`), as lists."""
         pk, rk = self.cfg.get("prompt_key", "prompt"), self.cfg.get("response_key", "response")
+        prompt = self.prompt(row[pk])
         special = self.cfg.get("add_special_tokens", True)
-        enc = encode_pair(self.tokenizer, self.prompt(row[pk]), row[rk], self.cfg["max_length"], special)
+        enc = encode_pair(self.tokenizer, prompt, row[rk], self.cfg["max_length"], special, self.prompt_prefix())
         return {k: v.tolist() for k, v in enc.items()}
 
     def encoding_key(self) -> dict[str, Any]:
         """Everything besides the data that changes `encode_row`'s output (names the encoding cache)."""
         keys = ("template", "max_length", "prompt_key", "response_key")
         key = {"task": self.name, "tokenizer": tokenizer_key(self.tokenizer), **{k: self.cfg.get(k) for k in keys}}
+        key["template_text"] = self.prompt("{instruction}\n{input}")  # a template's text changes the encoding too
         return {**key, "add_special_tokens": self.cfg.get("add_special_tokens", True)}
 
     def prompt(self, instruction: str) -> str:
