@@ -24,16 +24,9 @@ ALPACA_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-# MetaMath's train_math.py PROMPT_DICT: no newline or space after "### Response:"
-METAMATH_TRAIN = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:"
-)
-METAMATH_TRAIN_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
-)
+# MetaMath's train_math.py PROMPT_DICT: Alpaca's text with no newline or space after "### Response:"
+METAMATH_TRAIN = ALPACA.removesuffix("\n")
+METAMATH_TRAIN_INPUT = ALPACA_INPUT.removesuffix("\n")
 # MetaMath's eval_gsm8k.py / eval_math.py problem_prompt; its response line is reused for later turns (MT-Bench)
 METAMATH_EVAL_RESPONSE = "### Response: Let's think step by step."
 METAMATH_EVAL = (
