@@ -54,10 +54,12 @@ _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.
 _TOLERANCE = 1e-4
 
 
-def check_extract(extract: str) -> str:
-    """`extract` when it names a rule; ValueError naming `eval.extract` and the allowed values otherwise."""
-    if extract not in EXTRACT_RULES:
-        raise ValueError(f"eval.extract={extract!r} is unknown; allowed: {list(EXTRACT_RULES)} (null: reference)")
+def check_extract(extract: str, rules: Sequence[str] = EXTRACT_RULES, suite: str = "") -> str:
+    """`extract` when it names one of the suite's `rules`; ValueError naming `eval.extract` and the allowed values
+    otherwise (every suite's default, null, is `reference`)."""
+    if extract not in rules:
+        where = f" for {suite}" if suite else ""
+        raise ValueError(f"eval.extract={extract!r} is unknown{where}; allowed: {list(rules)} (null: reference)")
     return extract
 
 

@@ -52,7 +52,7 @@ from lightning_ralora.evaluation.base import (
     HubSource,
     register_suite,
 )
-from lightning_ralora.evaluation.gsm8k import TEXT_STOP
+from lightning_ralora.evaluation.gsm8k import TEXT_STOP, check_extract
 from lightning_ralora.evaluation.sandbox import execute_programs
 
 CODE_STOP: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -117,13 +117,6 @@ def extract_code(completion: str, entry_point: str | None = None) -> str:
             if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", block, re.MULTILINE):
                 return block
     return blocks[0]
-
-
-def check_extract(extract: str) -> str:
-    """`extract` when it names a HumanEval rule; ValueError naming `eval.extract` and the allowed values otherwise."""
-    if extract not in EXTRACT_RULES:
-        raise ValueError(f"eval.extract={extract!r} is unknown for humaneval; allowed: {list(EXTRACT_RULES)}")
-    return extract
 
 
 def _parses(code: str) -> bool:
@@ -291,7 +284,7 @@ def build_program(
         return prompt.rstrip() + synthesize_generation(completion)
     if mode != "instruct":
         raise ValueError(f"humaneval mode={mode!r}; allowed: {', '.join(MODES)}")
-    if check_extract(extract) == "lenient":
+    if check_extract(extract, EXTRACT_RULES, "humaneval") == "lenient":
         code = extract_code(completion, entry_point)
         if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
             return _prompt_imports(prompt) + code
@@ -356,7 +349,7 @@ class HumanEvalSuite(GenerationSuite):
         if samples < 1:
             raise ValueError(f"eval.samples={samples} must be >= 1")
         self.mode = mode
-        self.extract = check_extract(extract)
+        self.extract = check_extract(extract, EXTRACT_RULES, "humaneval")
         self.samples = samples
         self.temperature = temperature
         self.top_p = top_p
