@@ -40,10 +40,6 @@ REQUIRED = ("variant", "model", "seed", "config")
 MISSING = "—"
 MINUS = "−"
 
-COMMONSENSE = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
-CS_IDS = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa")  # metric ids (published.py)
-GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # the GLUE average's eight tasks (no WNLI)
-SDS_IMAGE = ("cars", "cub200", "dtd", "food101", "sun397")
 MEMORY_KEYS = ("peak_memory_bytes", "max_memory_allocated")  # bytes, top-level or in final_metrics
 
 
@@ -255,7 +251,6 @@ def _peak_memory_gib(run: Run) -> float | None:
     return None
 
 
-OVERHEAD_DATASETS = ("metamathqa", "code_feedback")  # the SDS-LoRA overhead table's two training sets
 
 
 def extract_overhead(run: Run) -> dict[str, float]:

@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_ralora.catalog import sweep_configs
-from lightning_ralora.tables import GLUE, MISSING, SDS_IMAGE, TABLES
+from lightning_ralora.tables import MISSING, TABLES
 from lightning_ralora.tables import main as tables_main
 from lightning_ralora.train import train
 
@@ -21,6 +21,8 @@ from .conftest import make_cfg
 from .helpers import serve_judge
 
 EXPERIMENTS = sorted(sweep_configs())
+GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # one run per GLUE task (no WNLI)
+SDS_IMAGE = ("cars", "cub200", "dtd", "food101", "sun397")  # the SDS-LoRA vision table's data sets
 SEEDS = (0, 1)
 
 # experiment -> (the method rehearsed, {table id: the metric ids the experiment fills in that table})
