@@ -1,10 +1,11 @@
-"""Cluster runs: requeue on SLURM's warning signal, resume of a requeued job, the Hydra+DDP launcher guard and the
-sweep objective (docs/cluster.md).
+"""Cluster runs: stop on a signal, requeue under SLURM, resume of a requeued job, the Hydra+DDP launcher guard and
+the sweep objective (docs/cluster.md).
 
-A job warned by SIGUSR1 (`#SBATCH --signal=USR1@90`, or submitit's preemption signal) saves
-`<run_dir>/checkpoints/last.ckpt` at the next batch end, writes `<run_dir>/requeue.json` and requeues itself; the
-requeued job (same command, same run_dir) finds the marker in `run.resolve_ckpt` and resumes from that checkpoint
-with its plan, schedules and W&B run: the same code path as `ckpt_path=last`.
+SIGTERM (SLURM's cancel, time limit, preemption), SIGINT and SIGUSR1 stop a run at its next safe point: it saves
+`<run_dir>/checkpoints/last.ckpt`, records itself (status `interrupted`) and exits 128 + the signal. Inside SLURM,
+SIGUSR1 (`#SBATCH --signal=USR1@90`, or submitit's preemption signal) also writes `<run_dir>/requeue.json` and
+requeues the job (status `requeued`); the requeued job (same command, same run_dir) finds the marker and resumes
+from that checkpoint with its plan, schedules and W&B run: the same code path as `ckpt_path=last`.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from typing import Any
 
 import lightning as L
 
+from .io import write_json_atomic
+
 REQUEUE_MARKER = "requeue.json"  # <run_dir>/requeue.json: written on the signal, removed when the resumed fit ends
 REQUEUE_CMD_ENV = "LIGHTNING_RALORA_REQUEUE_CMD"  # shell command; {job_id} is replaced by the SLURM job id
 DEFAULT_REQUEUE_CMD = "scontrol requeue {job_id}"
 
 
 # --------------------------------------------------------------------------------------------------------------
-# requeue on signal
+# stop on signal: SIGTERM, SIGINT, SIGUSR1 (requeue under SLURM)
 # --------------------------------------------------------------------------------------------------------------
 def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
     """The id `scontrol requeue` takes: `<array job>_<task>` for an array task, else SLURM_JOB_ID (None outside)."""
@@ -55,6 +58,120 @@ def requeue_signals(env: Mapping[str, str] | None = None) -> list[signal.Signals
     return signals
 
 
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a run at its next safe point: SIGTERM (SLURM's cancel, time limit, preemption), SIGINT
+    (Ctrl+C) and the requeue signals."""
+    return list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *requeue_signals()]))
+
+
+class StopRequest:
+    """Process-wide: the first stop signal received (None until then) and the handlers it replaced."""
+
+    signum: signal.Signals | None = None
+    previous: dict[signal.Signals, Any] = {}  # noqa: RUF012 - process-wide state on purpose
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.signum = None
+
+
+def _on_stop_signal(signum: int, _frame: Any) -> None:
+    """Only a flag (the checkpoint is saved at a consistent point); a second SIGINT stops at once."""
+    sig = signal.Signals(signum)
+    if StopRequest.signum is None:
+        StopRequest.signum = sig
+        print(f"received {sig.name}: stopping at the next safe point (checkpoint, record); Ctrl+C again stops at "
+              "once", file=sys.stderr, flush=True)  # fmt: skip
+    elif sig == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """Route the stop signals to `_on_stop_signal` (main thread only; again after Lightning composes its own SIGTERM
+    handler at the start of fit, so ours decides)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in stop_signals():
+        current = signal.getsignal(sig)
+        if current is not _on_stop_signal:
+            StopRequest.previous.setdefault(sig, current)
+            signal.signal(sig, _on_stop_signal)
+
+
+def stop_agreed(strategy: Any = None) -> bool:
+    """Whether a stop was requested on any rank (a collective when a strategy spans several processes)."""
+    requested = StopRequest.signum is not None
+    if strategy is not None:
+        return bool(strategy.reduce_boolean_decision(requested, all=False))
+    return requested
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal at a safe point: what `train` reports and `run_job` records (status `interrupted`,
+    or `requeued` when the requeue signal came inside SLURM), with the phase, the step and the checkpoint saved."""
+
+    def __init__(self, phase: str, step: int | None = None, ckpt: str | None = None) -> None:
+        self.signum = StopRequest.signum or signal.SIGTERM
+        self.phase, self.step, self.ckpt = phase, step, ckpt
+        self.requeued = self.signum in requeue_signals() and requeue_enabled() and self.signum != signal.SIGTERM
+        at = f" at step {step}" if step is not None else ""
+        saved = f"; checkpoint {ckpt}" if ckpt else "; no checkpoint (nothing trained to keep)"
+        super().__init__(f"{self.signum.name} in {phase}{at}{saved}")
+
+    @property
+    def status(self) -> str:
+        return "requeued" if self.requeued else "interrupted"
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the shell's convention for a process ended by that signal."""
+        return 128 + int(self.signum)
+
+    def requeue(self) -> int:
+        """Requeue the job (a submitit job through submitit's own handler, which exits); the command's status."""
+        previous = StopRequest.previous.get(self.signum)
+        if callable(previous) and type(getattr(previous, "__self__", None)).__module__.startswith("submitit"):
+            previous(self.signum, None)  # submitit: checkpoint its submission, requeue (counted), exit
+        cmd_template = os.environ.get(REQUEUE_CMD_ENV) or DEFAULT_REQUEUE_CMD
+        job_id = slurm_job_id()
+        if job_id is None and REQUEUE_CMD_ENV not in os.environ:
+            print("requeue: not a SLURM job; run the same command again to resume", file=sys.stderr, flush=True)
+            return 0
+        cmd = cmd_template.format(job_id=job_id or "")
+        status = subprocess.run(cmd, shell=True, check=False).returncode
+        print(f"requeue: `{cmd}` exited with {status}", file=sys.stderr, flush=True)
+        return status
+
+
+def check_stop(phase: str, step: int | None = None) -> None:
+    """Raise Interrupted when a stop was requested (for loops outside Lightning's: the GID warm-up, evaluation);
+    this rank only, nothing saved: those phases are recomputed on resume."""
+    if StopRequest.signum is not None:
+        raise Interrupted(phase, step)
+
+
+def _save_last(trainer: L.Trainer) -> str:
+    """Save <run_dir>/checkpoints/last.ckpt (every rank takes part); atomic: a file through AtomicCheckpointIO, a
+    sharded directory written beside it and swapped in."""
+    from .rundir import AtomicCheckpointIO
+
+    ckpt = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) and not _sharded(trainer):
+        trainer.save_checkpoint(ckpt)
+        return str(ckpt)
+    tmp = ckpt.with_name(".last.ckpt.stop-tmp")
+    trainer.save_checkpoint(tmp)
+    trainer.strategy.barrier("stop_checkpoint")
+    if trainer.is_global_zero:
+        _replace(tmp, ckpt)
+    trainer.strategy.barrier("stop_checkpoint_replaced")
+    return str(ckpt)
+
+
+def _sharded(trainer: L.Trainer) -> bool:
+    return bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
+
+
 def _replace(tmp: Path, path: Path) -> None:
     """Move a finished checkpoint (file or distributed-checkpoint directory) over the old one."""
     if path.is_dir() and not path.is_symlink():
@@ -64,74 +181,73 @@ def _replace(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-class RequeueOnSignal(L.Callback):
-    """On SIGUSR1 (SLURM's warning before the time limit or preemption): at the next batch end save
-    `<run_dir>/checkpoints/last.ckpt` and the requeue marker, requeue the job and exit; the requeued job resumes."""
+class StopOnSignal(L.Callback):
+    """On SIGTERM, SIGINT or SIGUSR1 (and submitit's preemption signal), at the next safe point: in fit, after an
+    optimizer step, save `<run_dir>/checkpoints/last.ckpt` (atomically; mid-validation too) and raise `Interrupted`,
+    which `train.run_job` records (results.json or attempts/, status interrupted or requeued), then requeues the job
+    under SLURM and exits 128 + the signal. A requeued job (marker `requeue.json`) or `ckpt_path=last` resumes
+    exactly. Also saves last.ckpt when fit ends between periodic checkpoints, so `last` is the run's last step."""
 
-    def __init__(self, requeue_cmd: str | None = None) -> None:
-        self.requeue_cmd = requeue_cmd or os.environ.get(REQUEUE_CMD_ENV) or DEFAULT_REQUEUE_CMD
-        self.received: signal.Signals | None = None
-        self._previous: dict[signal.Signals, Any] = {}
-
-    def _handler(self, signum: int, _frame: Any) -> None:
-        self.received = signal.Signals(signum)  # only a flag: the checkpoint is saved at a consistent point
+    def __init__(self) -> None:
+        self._step_before: int | None = None
+        self._saved_step: int | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
-            for sig in requeue_signals():
-                self._previous[sig] = signal.signal(sig, self._handler)
+        install_stop_handlers()
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous = {}
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        install_stop_handlers()  # Lightning registered its SIGTERM handler just before: ours decides
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        install_stop_handlers()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step_before:  # inside a gradient accumulation: not a resumable point
+            return
+        if stop_agreed(trainer.strategy):
+            self._stop(trainer, "fit")
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.sanity_checking or not stop_agreed(trainer.strategy):
+            return
+        if trainer.state.fn == "fit":  # validation inside fit: the weights are those of the last step
+            self._stop(trainer, "validation")
+        raise Interrupted("validation", trainer.global_step)  # the final validation: fit's last.ckpt is complete
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        savers = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_last", False)]
+        saved = {getattr(cb, "_last_global_step_saved", None) for cb in savers} | {self._saved_step}
+        if savers and trainer.global_step not in saved:
+            self._saved_step = trainer.global_step
+            _save_last(trainer)
+
+    def _stop(self, trainer: L.Trainer, phase: str) -> None:
+        ckpt = _save_last(trainer)
+        self._saved_step = trainer.global_step
+        stop = Interrupted(phase, trainer.global_step, ckpt)
+        if stop.requeued and trainer.is_global_zero:
+            marker = {"ckpt_path": ckpt, "global_step": trainer.global_step, "job_id": slurm_job_id()}
+            wandb_id = next((lg.version for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"), None)
+            write_json_atomic(Path(trainer.default_root_dir) / REQUEUE_MARKER, {**marker, "wandb_id": wandb_id})
+        trainer.strategy.barrier("stop_marker")
+        print(f"stop: saved {ckpt} at step {trainer.global_step}", file=sys.stderr, flush=True)
+        raise stop
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:  # the run got past its interruptions: a later job starts as configured
             (Path(trainer.default_root_dir) / REQUEUE_MARKER).unlink(missing_ok=True)
 
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
-            return
-        run_dir = Path(trainer.default_root_dir)
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        tmp = ckpt.with_name("last.ckpt.requeue-tmp")
-        trainer.save_checkpoint(tmp)  # collective: every rank takes part
-        trainer.strategy.barrier("requeue_checkpoint")
-        if trainer.is_global_zero:
-            _replace(tmp, ckpt)
-            wandb_id = next((lg.version for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"), None)
-            marker = {"ckpt_path": str(ckpt), "global_step": trainer.global_step, "job_id": slurm_job_id()}
-            (run_dir / REQUEUE_MARKER).write_text(json.dumps({**marker, "wandb_id": wandb_id}, indent=1))
-            print(f"requeue: saved {ckpt} at step {trainer.global_step}", file=sys.stderr, flush=True)
-        trainer.strategy.barrier("requeue_marker")
-        for lg in trainer.loggers:
-            lg.finalize("requeued")
-        previous = self._previous.get(self.received) if self.received is not None else None
-        if callable(previous) and type(getattr(previous, "__self__", None)).__module__.startswith("submitit"):
-            previous(self.received, None)  # submitit's handler: checkpoint its submission, requeue (counted), exit
-            raise SystemExit(0)
-        raise SystemExit(self.requeue() if trainer.is_global_zero else 0)
 
-    def requeue(self) -> int:
-        """Run the requeue command (default `scontrol requeue <job id>`); its exit status (0 outside SLURM)."""
-        job_id = slurm_job_id()
-        if job_id is None and REQUEUE_CMD_ENV not in os.environ and self.requeue_cmd == DEFAULT_REQUEUE_CMD:
-            print("requeue: not a SLURM job; run the same command again to resume", file=sys.stderr, flush=True)
-            return 0
-        cmd = self.requeue_cmd.format(job_id=job_id or "")
-        status = subprocess.run(cmd, shell=True, check=False).returncode
-        print(f"requeue: `{cmd}` exited with {status}", file=sys.stderr, flush=True)
-        return status
-
-
-def requeue_callbacks() -> list[L.Callback]:
-    """[RequeueOnSignal()] inside a SLURM job (or with LIGHTNING_RALORA_REQUEUE_CMD set), else []."""
-    return [RequeueOnSignal()] if requeue_enabled() else []
+def stop_callbacks() -> list[L.Callback]:
+    """Every run stops cleanly on a signal: [StopOnSignal()]."""
+    return [StopOnSignal()]
 
 
 def slurm_plugins() -> list[Any]:
-    """Inside SLURM, Lightning's SLURM environment with its own auto-requeue off: RequeueOnSignal owns SIGUSR1."""
+    """Inside SLURM, Lightning's SLURM environment with its own auto-requeue off: StopOnSignal owns SIGUSR1."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
@@ -144,15 +260,12 @@ def requeued_ckpt(run_dir: str | Path) -> str | None:
     """The checkpoint a requeued job resumes from (named by <run_dir>/requeue.json, if it exists), else None.
     W&B continues the interrupted run through the run's stable id (identity.py), as for any resume."""
     marker = Path(run_dir) / REQUEUE_MARKER
-    if not marker.exists():
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
         return None
-    info = json.loads(marker.read_text())
     ckpt = Path(info.get("ckpt_path") or Path(run_dir) / "checkpoints" / "last.ckpt")
-    if not ckpt.exists():
-        return None
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
-    print(f"requeue: resuming from {ckpt} (SLURM_RESTART_COUNT={restart})", file=sys.stderr, flush=True)
-    return str(ckpt)
+    return str(ckpt) if ckpt.exists() else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,13 +354,19 @@ __all__ = [
     "DEFAULT_REQUEUE_CMD",
     "REQUEUE_CMD_ENV",
     "REQUEUE_MARKER",
-    "RequeueOnSignal",
+    "Interrupted",
+    "StopOnSignal",
+    "StopRequest",
+    "check_stop",
+    "install_stop_handlers",
+    "stop_agreed",
+    "stop_callbacks",
+    "stop_signals",
     "check_launcher",
     "external_launcher",
     "in_hydra_multirun",
     "launcher_problems",
     "objective_value",
-    "requeue_callbacks",
     "requeue_enabled",
     "requeue_signals",
     "requeued_ckpt",

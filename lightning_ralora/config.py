@@ -17,7 +17,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from .adapters.base import AdapterLayer
 from .adapters.registry import VARIANTS, adapter_config, check_adapter, import_plugins
-from .adapters.schema import is_int, is_pos_int, nonneg_number, pos_int, pos_number
+from .adapters.schema import (
+    is_int,
+    is_number,
+    is_pos_int,
+    nonneg_int,
+    nonneg_number,
+    pos_int,
+    pos_number,
+    unit_interval,
+)
 from .cluster import launcher_problems
 from .modules.backbone import FAMILIES, build_backbone
 from .tasks import TASKS
@@ -26,12 +35,23 @@ from .tasks import TASKS
 ADAPTER_KINDS = tuple(VARIANTS)
 
 
+def one_line(text: str) -> str:
+    """`text` on one line (a multi-line message's lines joined by a space), for one problem per stderr line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 class ConfigError(ValueError):
-    """All problems of one config, one per line."""
+    """All problems of one config: one problem is one line (`invalid config: <problem>`), several are a header
+    line and one line each. `problems` keeps the list."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
-        super().__init__("invalid config:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = [one_line(p) for p in problems]
+        if len(self.problems) == 1:
+            message = f"invalid config: {self.problems[0]}"
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"invalid config ({len(self.problems)} problems):\n{lines}"
+        super().__init__(message)
 
 
 def _positive_int(value: Any) -> bool:
@@ -88,8 +108,36 @@ def _devices_ok(value: Any) -> bool:
     return False
 
 
-def check_trainer(t: Mapping[str, Any]) -> list[str]:
-    """The Trainer keys a run depends on, checked against what Lightning accepts, each naming `trainer.<key>`."""
+def visible_accelerators() -> dict[str, bool]:
+    """{accelerator name Lightning accepts: whether such a device is visible in this process} ("gpu" is CUDA or
+    MPS, "auto" and "cpu" always are)."""
+    try:
+        from lightning.pytorch.accelerators import AcceleratorRegistry
+
+        found = {n: bool(AcceleratorRegistry[n]["accelerator"].is_available()) for n in AcceleratorRegistry}
+    except Exception:  # noqa: BLE001 - a private layout changed: CUDA and MPS through torch
+        import torch
+
+        found = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    return {"auto": True, **found, "gpu": found.get("cuda", False) or found.get("mps", False)}
+
+
+def check_accelerator(value: Any) -> list[str]:
+    """`trainer.accelerator` must name an accelerator Lightning knows whose device this process can see."""
+    if value is None or isinstance(value, Mapping):  # null: Lightning's default; a mapping: an instantiated class
+        return []
+    found = visible_accelerators()
+    here = [n for n, ok in found.items() if ok]
+    if value not in found:
+        return [f"trainer.accelerator={value!r} is unknown; allowed: {sorted(found)} (visible here: {here})"]
+    if not found[value]:
+        return [f"trainer.accelerator={value!r}: no such device is visible on this machine; allowed here: {here}"]
+    return []
+
+
+def check_trainer(t: Mapping[str, Any], check_devices: bool = True) -> list[str]:
+    """The Trainer keys a run depends on, checked against what Lightning accepts, each naming `trainer.<key>`;
+    `check_devices`: the accelerator's device must be visible here (off for planning on another machine)."""
     ms, me = t.get("max_steps"), t.get("max_epochs")
     if ms == -1 and is_pos_int(me):  # epoch-based (the vision tables): the run ends after max_epochs
         problems = []
@@ -127,6 +175,44 @@ def check_trainer(t: Mapping[str, Any]) -> list[str]:
         problems += nonneg_number(t["gradient_clip_val"], "trainer.gradient_clip_val")
     if me is not None and not (is_int(me) and me >= -1):
         problems.append(f"trainer.max_epochs must be an integer >= -1 (-1: unlimited) or null, got {me!r}")
+    if check_devices:
+        problems += check_accelerator(t.get("accelerator"))
+    return problems
+
+
+def check_optim(o: Mapping[str, Any]) -> list[str]:
+    """The optimizer/scheduler keys the run reads, when present: lr > 0, weight_decay >= 0, warmup_ratio in [0, 1),
+    warmup_steps >= 0, min_lr_ratio in [0, 1], betas two numbers in [0, 1)."""
+    problems = pos_number(o.get("lr"), "optim.lr")
+    if o.get("weight_decay") is not None:
+        problems += nonneg_number(o["weight_decay"], "optim.weight_decay")
+    if o.get("warmup_ratio") is not None:
+        problems += unit_interval(o["warmup_ratio"], "optim.warmup_ratio")
+    if o.get("warmup_steps") is not None:
+        problems += nonneg_int(o["warmup_steps"], "optim.warmup_steps")
+    mlr = o.get("min_lr_ratio")
+    if mlr is not None and not (is_number(mlr) and 0 <= mlr <= 1):
+        problems.append(f"optim.min_lr_ratio must be in [0, 1] (the cosine floor as a fraction of lr), got {mlr!r}")
+    betas = o.get("betas")
+    if betas is not None and not (
+        isinstance(betas, (list, tuple)) and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas)
+    ):
+        problems.append(f"optim.betas must be two numbers in [0, 1), got {betas!r}")
+    return problems
+
+
+def check_callbacks(callbacks: Mapping[str, Any]) -> list[str]:
+    """The checkpoint callback's intervals (ModelCheckpoint refuses them only once the model is built)."""
+    ckpt = callbacks.get("checkpoint")
+    if not isinstance(ckpt, Mapping):
+        return []
+    problems = []
+    for key in ("every_n_train_steps", "every_n_epochs"):
+        if ckpt.get(key) is not None:
+            problems += nonneg_int(ckpt[key], f"callbacks.checkpoint.{key}")
+    top_k = ckpt.get("save_top_k")
+    if top_k is not None and not (is_int(top_k) and top_k >= -1):
+        problems.append(f"callbacks.checkpoint.save_top_k must be an integer >= -1 (-1: all), got {top_k!r}")
     return problems
 
 
@@ -145,6 +231,9 @@ def check_path(value: Any, name: str) -> list[str]:
     return []
 
 
+MODEL_DTYPES = ("float32", "bfloat16", "float16", "float64")  # torch dtypes a backbone is loaded in
+
+
 def check_model_section(model: Mapping[str, Any], adapter: Mapping[str, Any]) -> list[str]:
     """Model family, source (hub name / existing local path / config), tokenizer path and target patterns."""
     problems = []
@@ -154,6 +243,10 @@ def check_model_section(model: Mapping[str, Any], adapter: Mapping[str, Any]) ->
         problems.append(
             "model.pretrained (hub name or local path) or model.config (a transformers config dict) is required"
         )
+    dtype = model.get("dtype")
+    if dtype not in (None, "auto", *MODEL_DTYPES):
+        allowed = ", ".join(MODEL_DTYPES)
+        problems.append(f"model.dtype={dtype!r} is unknown; allowed: null, auto (the checkpoint's), {allowed}")
     problems += check_path(model.get("pretrained"), "model.pretrained")
     problems += check_path(model.get("tokenizer"), "model.tokenizer")
     if not (model.get("target_modules") or adapter.get("target_modules")):
@@ -164,9 +257,13 @@ def check_model_section(model: Mapping[str, Any], adapter: Mapping[str, Any]) ->
 # --------------------------------------------------------------------------------------------------------------
 # the whole config
 # --------------------------------------------------------------------------------------------------------------
-def validate_config(cfg: DictConfig | Mapping[str, Any], check_model: bool = True) -> None:
+def validate_config(
+    cfg: DictConfig | Mapping[str, Any], check_model: bool = True, check_devices: bool | None = None
+) -> None:
     """Raise ConfigError listing every problem in the config. `check_model` builds the backbone skeleton on
-    the meta device (no weights) to check the target patterns and shapes.
+    the meta device (no weights) to check the target patterns and shapes. `check_devices` (default: as
+    `check_model`, so planning without a model, e.g. plan-memory on a login node, skips it) requires the
+    `trainer.accelerator` device to be visible in this process.
 
     Variant plugins (`plugins` key, LIGHTNING_RALORA_PLUGINS) are imported first, so their kinds validate."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -182,35 +279,57 @@ def validate_config(cfg: DictConfig | Mapping[str, Any], check_model: bool = Tru
         problems.append(f"task.name={task.get('name')!r} is unknown; allowed: {sorted(TASKS)}")
     else:
         problems += task_cls.validate(task, model)
-    problems += check_trainer(trainer)
+    problems += check_trainer(trainer, check_model if check_devices is None else check_devices)
     problems += launcher_problems(trainer)  # no Lightning subprocess launcher inside a Hydra multirun
-    problems += pos_number(optim.get("lr"), "optim.lr")
+    problems += check_optim(optim)
+    problems += check_callbacks(c.get("callbacks") or {})
     seed = c.get("seed")
     if not (is_int(seed) and seed >= 0):
         problems.append(f"seed must be a non-negative integer, got {seed!r}")
     if check_model and not problems:
-        problems += _check_model(model, task, adapter)
+        problems += _check_model(model, task, adapter, rehearsal="rehearsal" in c)
     if problems:
         raise ConfigError(problems)
 
 
-def _check_shapes(model, targets: list[str], a: Mapping[str, Any]) -> list[str]:
-    """The variant's per-layer shape rules (GraLoRA k | in, out; SDS r <= min(in, out)) on every target; one line
-    per distinct problem, listing the targets it hits."""
+def _names(names: list[str]) -> str:
+    more = f", +{len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def _check_shapes(model, targets: list[str], a: Mapping[str, Any], rehearsal: bool = False) -> list[str]:
+    """The variant's per-layer shape rules (GraLoRA k | in, out; SDS r <= min(in, out)) on every target, one line
+    per distinct problem listing the targets it hits; then its ranks (`rank_limits`) against the smallest
+    min(in, out) of the targets, one line per field. Under `debug=rehearsal` (a width-64 stand-in for the real model,
+    the adapter unchanged) a rank that only wastes parameters is let through; one that cannot be built is not."""
     schema = adapter_config(a)
+    dims = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in targets}
     hits: dict[str, list[str]] = {}
-    for name in targets:
-        lin = model.get_submodule(name)
-        for problem in schema.shape_problems(lin.in_features, lin.out_features):
-            hits.setdefault(problem, []).append(name)
-    out = []
-    for problem, names in hits.items():
-        more = f", +{len(names) - 3} more" if len(names) > 3 else ""
-        out.append(f"{problem} (targets: {', '.join(names[:3])}{more})")
+    for name, (i, o) in dims.items():
+        ranks = schema.rank_problems(i, o)
+        for problem in schema.shape_problems(i, o):
+            if not any(problem.startswith(r) for r in ranks):  # reported once below, over every target
+                hits.setdefault(problem, []).append(name)
+    out = [f"{problem} (targets: {_names(names)})" for problem, names in hits.items()]
+    if rehearsal and not schema.ranks_must_fit:
+        return out
+    for key, value in schema.rank_limits().items():
+        over = [name for name, (i, o) in dims.items() if value > min(i, o)]
+        if over:
+            limit = min(min(d) for d in dims.values())
+            if schema.ranks_must_fit:
+                why = f"adapter.kind={schema.kind!r} cannot build a larger {key}"
+            else:
+                why = f"a larger {key} only adds parameters"
+            out.append(
+                f"{schema.f(key)}={value} is above min(in_features, out_features) of {len(over)} target layer(s) "
+                f"({_names(over)}): an update of an m x n layer has rank <= min(m, n) ({why}); "
+                f"allowed: {key} <= {limit} for these targets"
+            )
     return out
 
 
-def _check_model(model: dict, task: dict, adapter: dict) -> list[str]:
+def _check_model(model: dict, task: dict, adapter: dict, rehearsal: bool = False) -> list[str]:
     from .adapters.inject import find_modules, find_targets
 
     extra = {"num_labels": task["num_labels"]} if "num_labels" in task else {}
@@ -242,17 +361,22 @@ def _check_model(model: dict, task: dict, adapter: dict) -> list[str]:
         return problems
     if any(isinstance(m, AdapterLayer) for m in skeleton.modules()):
         return ["model already contains adapter layers"]
-    return _check_shapes(skeleton, targets, adapter)
+    return _check_shapes(skeleton, targets, adapter, rehearsal)
 
 
 __all__ = [
     "ADAPTER_KINDS",
     "ConfigError",
+    "check_accelerator",
+    "check_callbacks",
     "check_model_section",
+    "check_optim",
     "check_path",
     "check_trainer",
     "lightning_precisions",
     "lightning_strategies",
     "looks_like_path",
+    "one_line",
     "validate_config",
+    "visible_accelerators",
 ]

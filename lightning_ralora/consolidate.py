@@ -9,13 +9,17 @@ Runs in one process, without a process group.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .io import atomic_write
 from .modules.adapter_module import checkpoint_metadata_file
+
+PROG = "lightning-ralora-consolidate"
 
 
 def load_full_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
@@ -38,23 +42,54 @@ def _index(key: str) -> int:
     return int(key.rsplit("_", 1)[1])
 
 
+class ConsolidateInputError(ValueError):
+    """A CKPT_DIR or OUT the consolidation cannot use (the message names the path and what is expected)."""
+
+
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards
+
+
+def check_paths(ckpt_dir: str | Path, out: str | Path) -> None:
+    """Refuse, before reading any shard: a CKPT_DIR that is missing, a file, or a directory without the shards'
+    index and Lightning's meta.pt; an OUT that is a directory or CKPT_DIR itself."""
+    path = Path(ckpt_dir)
+    if not path.exists():
+        raise ConsolidateInputError(f"CKPT_DIR={ckpt_dir}: not found")
+    if not path.is_dir():
+        raise ConsolidateInputError(
+            f"CKPT_DIR={ckpt_dir}: a file, not a sharded checkpoint directory (a single-file checkpoint needs no "
+            "consolidation)"
+        )
+    missing = [name for name in (DCP_METADATA, "meta.pt") if not (path / name).is_file()]
+    if missing:
+        raise ConsolidateInputError(
+            f"CKPT_DIR={ckpt_dir}: no {' and no '.join(missing)}; allowed: a sharded (FSDP2) checkpoint directory "
+            "as Lightning writes it (e.g. <run_dir>/checkpoints/last.ckpt/)"
+        )
+    if Path(out).is_dir():
+        raise ConsolidateInputError(f"OUT={out}: a directory; allowed: the path of the single .ckpt file to write")
+
+
 def consolidate(ckpt_dir: str | Path, out: str | Path) -> Path:
-    """Write the sharded checkpoint `ckpt_dir` as the single-file checkpoint `out`; returns `out`."""
-    if not Path(ckpt_dir).is_dir():
-        raise NotADirectoryError(f"CKPT_DIR={ckpt_dir} is not a sharded (distributed) checkpoint directory")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(load_full_checkpoint(ckpt_dir), out)
-    return out
+    """Write the sharded checkpoint `ckpt_dir` as the single-file checkpoint `out` (atomically: `out` is either
+    absent/its old content or the whole new file); returns `out`. ConsolidateInputError on a path it cannot use."""
+    check_paths(ckpt_dir, out)
+    state = load_full_checkpoint(ckpt_dir)
+    return atomic_write(out, lambda f: torch.save(state, f))
 
 
 def main(argv: list[str] | None = None) -> None:
-    """CLI: `python -m lightning_ralora.consolidate CKPT_DIR OUT`."""
-    parser = argparse.ArgumentParser(prog="lightning-ralora-consolidate", description=__doc__.splitlines()[0])
+    """CLI: `python -m lightning_ralora.consolidate CKPT_DIR OUT`; a path it cannot use is one line on stderr and
+    exit code 2, with nothing written."""
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("ckpt_dir", help="sharded checkpoint directory (e.g. <run_dir>/checkpoints/last.ckpt)")
     parser.add_argument("out", help="the single-file checkpoint to write")
     args = parser.parse_args(argv)
-    print(consolidate(args.ckpt_dir, args.out))
+    try:
+        print(consolidate(args.ckpt_dir, args.out))
+    except ConsolidateInputError as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

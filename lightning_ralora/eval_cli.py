@@ -35,7 +35,8 @@ class EvalInputError(ValueError):
 
 
 def _fail(message: str) -> NoReturn:
-    print(f"{PROG}: {message}", file=sys.stderr)
+    """One line on stderr (a multi-line message joined) and exit code 2."""
+    print(f"{PROG}: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -180,7 +181,8 @@ def evaluate_run(cfg: DictConfig) -> dict[str, dict[str, float]]:
             run_cfg = saved_run_config(run_dir, ckpt)
             template = cfg.eval.get("template") or run_template(run_cfg)
             tok = template_tokenizer(template, _tokenizer_source(run_cfg, ckpt, export))
-            jobs = prepare(cfg.eval, template, (run_cfg.get("model") or {}).get("family"), tok)
+            family, task = (run_cfg.get("model") or {}).get("family"), (run_cfg.get("task") or {}).get("name")
+            jobs = prepare(cfg.eval, template, family, tok, run_task=task)
     except (EvalInputError, EvalConfigError, EvalDataError) as err:
         _fail(str(err))
     if cfg.eval.get("completions"):

@@ -1,13 +1,13 @@
 """Run identity: what makes two runs the same experiment, so they share nothing unless their results would match.
 
 A run's identity is its composed config after the experiment's `methods:` entry is applied, without the keys that
-do not change the result (where it runs and logs: `NON_IDENTITY`) and without the seed (runs of one identity are the
-seeds of one table cell). Its short hash names the run directory
-(`<experiment>/<variant>-<model>-<task>-<hash>/seed<N>`), the W&B group and name, and with the seed the W&B id, so
-the same config always lands in the same place (a requeued job finds its checkpoint) and any change moves it. A
-checkpoint stores the identity; resuming it under a different one is refused, naming the keys that differ, unless
-`resume.allow_changes` lists them (e.g. a longer `trainer.max_steps`: a new identity, so a new run directory and W&B
-run, started from the old run's checkpoint given as `ckpt_path=<path>`).
+do not change the result (where it runs and logs: `NON_IDENTITY`; credentials: any secret-looking key, secrets.py,
+so no identity, checkpoint or W&B tag holds one) and without the seed (runs of one identity are the seeds of one
+table cell). Its short hash names the run directory (`<experiment>/<variant>-<model>-<task>-<hash>/seed<N>`), the
+W&B group and name, and with the seed the W&B id, so the same config always lands in the same place (a requeued job
+finds its checkpoint) and any change moves it. A checkpoint stores the identity; resuming it under a different one is
+refused, naming the keys that differ, unless `resume.allow_changes` lists them (e.g. a longer `trainer.max_steps`: a
+new identity, so a new run directory and W&B run, started from the old run's checkpoint given as `ckpt_path=<path>`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from .secrets import is_secret_path, literal_secrets, override_secret, redact
 
 IDENTITY_KEY = "run_identity"  # the checkpoint's entry: {"hash": ..., "keys": {dotted key: value}}
 
@@ -80,7 +82,7 @@ def _excluded(key: str, prefixes: Sequence[str]) -> bool:
 
 def identity_keys(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """{dotted key: value} of everything that defines the run's result (unresolved interpolations stay as text, so
-    nothing is resolved that depends on the run directory)."""
+    nothing is resolved that depends on the run directory); secret-looking keys left out, secret values redacted."""
     from .methods import apply_method_settings
 
     root = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
@@ -90,7 +92,8 @@ def identity_keys(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         plain = OmegaConf.to_container(apply_method_settings(body, command_line(root)), resolve=False)
     except Exception:
         pass
-    return {k: v for k, v in sorted(_flatten(plain)) if k and not _excluded(k, NON_IDENTITY)}
+    keys = {k: v for k, v in sorted(_flatten(plain)) if k and not _excluded(k, NON_IDENTITY) and not is_secret_path(k)}
+    return redact(keys, extra=literal_secrets([plain, command_line(root)]))  # a secret elsewhere: "<redacted>"
 
 
 def identity_hash(keys: Mapping[str, Any]) -> str:
@@ -108,9 +111,12 @@ def run_label(cfg: DictConfig | Mapping[str, Any], digest: str | None = None) ->
 
 
 def identity_overrides(cfg: DictConfig | Mapping[str, Any]) -> list[str]:
-    """The command-line overrides that are part of the identity (readable W&B tags / config), seed excluded."""
+    """The command-line overrides that are part of the identity (readable W&B tags / config), seed and secret keys
+    excluded, any secret value in the rest redacted."""
     root = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(dict(cfg))
-    return [o for o in command_line(root) if not _excluded(o.split("=", 1)[0].lstrip("+~"), NON_IDENTITY)]
+    given = command_line(root)
+    keep = [o for o in given if not _excluded(o.split("=", 1)[0].lstrip("+~"), NON_IDENTITY)]
+    return redact([o for o in keep if override_secret(o) is None], extra=literal_secrets(given))
 
 
 def run_identity(*, _root_: DictConfig) -> str:

@@ -70,7 +70,9 @@ class AdapterPlan:
         )
 
     def save_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
+        from .io import write_json_atomic
+
+        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load_json(cls, path: str | Path) -> AdapterPlan:

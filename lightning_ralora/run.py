@@ -55,35 +55,38 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
 def run_names(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """W&B naming from the run identity: group = `<experiment>/<label>` (the seeds of one config), name =
     `<label>-seed<N>`, id stable per (identity, seed) so a resumed run continues its W&B run; tags: seed, variant,
-    model, task, experiment, `id:<hash>` and the identity overrides."""
+    model, task, experiment, `id:<hash>` and the identity overrides (secrets redacted, then cut to 64 characters)."""
     from .identity import wandb_id
+    from .secrets import config_secrets
 
     identity = identity or run_identity(cfg)
     label = identity["label"]
     group = f"{cfg.get('experiment_name', 'default')}/{label}"
     tags = [f"seed:{cfg.seed}", cfg.adapter.name, cfg.model.name, cfg.task.name, f"id:{identity['hash']}"]
-    tags += [str(cfg.get("experiment_name", "default")), *list(cfg.wandb.get("tags") or [])]
-    tags += [o[:64] for o in identity.get("overrides", [])]
-    return {
-        "group": group,
-        "name": f"{label}-seed{cfg.seed}",
-        "id": wandb_id(group, cfg.seed),
-        "job_type": "train",
-        "tags": list(dict.fromkeys(tags)),
-    }
+    tags += [str(cfg.get("experiment_name", "default")), *map(str, cfg.wandb.get("tags") or [])]
+    tags += identity.get("overrides", [])
+    names = {"group": group, "name": f"{label}-seed{cfg.seed}", "id": wandb_id(group, cfg.seed), "job_type": "train"}
+    names = redact({**names, "tags": tags}, extra=config_secrets(cfg))
+    return {**names, "tags": list(dict.fromkeys(t[:64] for t in names["tags"]))}
 
 
 def wandb_mode(cfg: DictConfig) -> str:
-    """Explicit `wandb.mode`, else online with credentials and offline without (never prompts)."""
+    """`wandb.mode` if set, else the `WANDB_MODE` environment variable, else online with credentials
+    (`WANDB_API_KEY`) and offline without (never prompts)."""
     if cfg.wandb.get("mode"):
         return str(cfg.wandb.mode)
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
     return "online" if os.environ.get("WANDB_API_KEY") else "offline"
 
 
 def build_loggers(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> list:
     """Instantiate every `logger.<name>` entry (`_target_` yamls in conf/logger/); the W&B logger gets its mode,
     the run's group/name/id/tags and the resolved config once (with the identity) here, `resume="allow"` (a
-    resumed run continues its W&B run), and is left out with `wandb.mode=disabled`."""
+    resumed run continues its W&B run), and is left out with `wandb.mode=disabled`. Secrets are redacted from what
+    W&B gets: config, tags and the command line it records (secrets.py)."""
+    from .secrets import wandb_init_with_redacted_argv
+
     loggers: list = []
     for node in (cfg.get("logger") or {}).values():
         if node is None or "_target_" not in node:
@@ -94,10 +97,11 @@ def build_loggers(cfg: DictConfig, identity: Mapping[str, Any] | None = None) ->
             if mode == "disabled":
                 continue
             os.environ.setdefault("WANDB_SILENT", "true")
-            config = redact(OmegaConf.to_container(cfg, resolve=True))
             identity = identity or run_identity(cfg)
+            config = OmegaConf.to_container(cfg, resolve=True)
             config["identity"] = {k: identity[k] for k in ("hash", "label", "overrides")}
-            extra = {"mode": mode, "config": config, "resume": "allow", **run_names(cfg, identity)}
+            extra = {"mode": mode, "config": redact(config), "resume": "allow", **run_names(cfg, identity)}
+            wandb_init_with_redacted_argv()
         loggers.append(hydra.utils.instantiate(node, _partial_=True)(**extra))  # `config` is instantiate's own arg
     return loggers
 
@@ -116,35 +120,35 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if cfg.trainer.get("enable_progress_bar", True):
         # a terminal gets a live bar; a log file (CI, SLURM) one line every 50 steps instead of thousands
         callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
-    from .cluster import requeue_callbacks  # SIGUSR1 -> checkpoint + requeue, inside SLURM (docs/cluster.md)
+    from .cluster import stop_callbacks  # SIGTERM/SIGINT/SIGUSR1 -> checkpoint, record, requeue (docs/cluster.md)
 
-    return callbacks + variant_callbacks(cfg.adapter) + requeue_callbacks()
+    return callbacks + variant_callbacks(cfg.adapter) + stop_callbacks()
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    """`cfg.trainer` as Trainer arguments; entries with a `_target_` (strategy, profiler, ...) are instantiated."""
+    """`cfg.trainer` as Trainer arguments; entries with a `_target_` (strategy, profiler, ...) are instantiated. Unless
+    `trainer.plugins` is set: checkpoints are written atomically (rundir.AtomicCheckpointIO) and, inside SLURM,
+    Lightning's own requeue is off (cluster.StopOnSignal owns the signals)."""
     from .cluster import slurm_plugins
+    from .rundir import AtomicCheckpointIO
 
     raw = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs = {k: hydra.utils.instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in raw.items()}
-    plugins = slurm_plugins()  # inside SLURM: requeue by cluster.RequeueOnSignal, not by Lightning
-    if plugins and "plugins" not in kwargs:
-        kwargs["plugins"] = plugins
+    if "plugins" not in kwargs:
+        kwargs["plugins"] = [AtomicCheckpointIO(), *slurm_plugins()]
     return kwargs
 
 
-def resolve_ckpt(cfg: DictConfig, run_dir: Path) -> str | None:
-    """`ckpt_path`, with "last" meaning <run_dir>/checkpoints/last.ckpt when it exists (else a fresh start). A job
-    requeued on SIGUSR1 resumes from the checkpoint its <run_dir>/requeue.json names, whatever ckpt_path says."""
+def resolve_ckpt(cfg: DictConfig, run_dir: Path):
+    """Where this run starts (rundir.plan_start): the checkpoint to resume from, or a completed run to keep. A job
+    requeued on SIGUSR1 resumes from the checkpoint its <run_dir>/requeue.json names, whatever ckpt_path says; a
+    bad `ckpt_path` (missing, truncated, no checkpoint for `last`) is a ConfigError before any compute."""
     from .cluster import requeued_ckpt
+    from .rundir import plan_start
 
-    requeued = requeued_ckpt(run_dir)
-    if requeued:
-        return requeued
-    if cfg.get("ckpt_path") == "last":
-        last = run_dir / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    return cfg.get("ckpt_path")
+    return plan_start(
+        {"ckpt_path": cfg.get("ckpt_path"), "fresh": cfg.get("fresh", False)}, run_dir, requeued_ckpt(run_dir)
+    )
 
 
 def build_module(cfg: DictConfig, run_dir: Path | None = None):
@@ -257,13 +261,16 @@ def summary(results: Mapping[str, Any], run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def finish_wandb(exit_code: int = 0) -> None:
-    """Close the W&B run even on failure (exit code 1 marks it failed in W&B), so the next job of a multirun starts
-    a fresh one."""
+def finish_wandb(exit_code: int = 0, preempted: bool = False) -> None:
+    """Close the W&B run even on failure (exit code 1 marks it failed in W&B; `preempted`, a run stopped by a signal,
+    is marked preempting, so W&B shows it as preempted, not crashed), so the next job of a multirun starts a fresh
+    one."""
     if "wandb" in sys.modules:
         import wandb
 
         if wandb.run is not None:
+            if preempted:
+                wandb.run.mark_preempting()
             wandb.finish(exit_code=exit_code)
 
 
@@ -323,31 +330,39 @@ def check_resume_identity(cfg: DictConfig, ckpt: str | None) -> dict[str, Any]:
 
 
 def failure_record(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
-    """results.json of a run that did not complete (`status` failed or diverged, the error and the end of its
-    traceback), written to the run dir by rank 0 so tables and sweep summaries see it."""
+    """The record of a run that did not complete: `status` failed, diverged, interrupted or requeued, the error (and
+    the end of its traceback; for a signal the phase, step and checkpoint). Rank 0 keeps it in the run dir
+    (rundir.write_record: attempts/, and results.json unless that holds a completed run), so tables and sweep
+    summaries see it."""
     import traceback
 
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     from .callbacks.divergence import Diverged
+    from .cluster import Interrupted
 
     try:
         config: Any = OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # a config that does not even resolve: keep it as written
         config = OmegaConf.to_container(cfg, resolve=False)
-    diverged = isinstance(err, Diverged)
-    record: dict[str, Any] = {
-        "status": "diverged" if diverged else "failed",
-        "error": f"{type(err).__name__}: {err}",
-        "traceback": "".join(traceback.format_exception(err))[-4000:],
-        "variant": OmegaConf.select(cfg, "adapter.name", default=None),
-        "model": OmegaConf.select(cfg, "model.name", default=None),
-        "task": OmegaConf.select(cfg, "task.name", default=None),
-        "seed": OmegaConf.select(cfg, "seed", default=None),
-        "host": socket.gethostname(),
-        "config": config,
-    }
-    if diverged:
+    status = "diverged" if isinstance(err, Diverged) else "failed"
+    record: dict[str, Any] = {"status": status, "error": f"{type(err).__name__}: {err}"}
+    if isinstance(err, Interrupted):
+        hint = "the same command with ckpt_path=last" if err.ckpt else "the same command (nothing to resume yet)"
+        hint = "the same command (requeued)" if err.requeued else hint
+        record = {"status": err.status, "error": f"stopped by {err}", "signal": err.signum.name}
+        record.update(phase=err.phase, global_step=err.step, checkpoint=err.ckpt, resume=hint)
+    else:
+        record["traceback"] = "".join(traceback.format_exception(err))[-4000:]
+    record.update(
+        variant=OmegaConf.select(cfg, "adapter.name", default=None),
+        model=OmegaConf.select(cfg, "model.name", default=None),
+        task=OmegaConf.select(cfg, "task.name", default=None),
+        seed=OmegaConf.select(cfg, "seed", default=None),
+        host=socket.gethostname(),
+        config=config,
+    )
+    if isinstance(err, Diverged):
         record["diverged_at_step"] = err.step
     try:
         record["identity"] = run_identity(cfg)
@@ -357,43 +372,50 @@ def failure_record(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
     record = redact(record)
     run_dir = OmegaConf.select(cfg, "run_dir", default=None, throw_on_resolution_failure=False)
     if run_dir and rank_zero_only.rank == 0:
-        from .io import write_json_atomic
+        from .rundir import write_record
 
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(run_dir) / "results.json", record)
+        try:
+            write_record(run_dir, record)
+        except OSError as io_err:  # a full disk: the earlier files stay intact, the error is what counts
+            print(f"could not record the {record['status']} run in {run_dir}: {io_err}", file=sys.stderr, flush=True)
     return record
 
 
 class SweepSummary(HydraCallback):
     """Hydra callback (conf/hydra/default.yaml): after a multirun, one line per job of this sweep (its status and
-    run dir, the error of a failed one); `failed` tells `main` to exit 1."""
+    run dir, the error of a failed one); `failed` tells `main` to exit 1. The sweep's id (an environment variable
+    its jobs inherit, on this machine or through SLURM) is in every record its jobs write, so a concurrent sweep
+    into the same directory is not counted."""
 
     failed: int = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import time
+        import uuid
 
-        self.start = time.time()
+        from .rundir import SWEEP_ID_ENV
+
+        os.environ[SWEEP_ID_ENV] = uuid.uuid4().hex[:12]
         SweepSummary.failed = 0
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        start = getattr(self, "start", 0.0)
-        lines, failed = [], 0
-        for path in sorted(sweep_dir.rglob("results.json")):
-            if path.stat().st_mtime < start:
-                continue  # a job of an earlier sweep into the same directory
-            try:
-                record = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                record = {"status": "unreadable"}
-            status = record.get("status", "completed")
-            failed += status != "completed"
-            error = f"  {record.get('error', '')}".splitlines()[0][:160] if status != "completed" else ""
-            lines.append(f"  {status:<10} {path.parent}{error}")
-        SweepSummary.failed = failed
-        print(f"sweep {sweep_dir}: {len(lines) - failed} completed, {failed} not", file=sys.stderr, flush=True)
-        print("\n".join(lines), file=sys.stderr, flush=True)
+        SweepSummary.failed = print_sweep_summary(Path(str(config.hydra.sweep.dir)))
+
+
+def print_sweep_summary(sweep_dir: Path, stopped_by: str | None = None) -> int:
+    """Print this sweep's jobs (rundir.records_of_sweep) to stderr; returns how many did not complete."""
+    from .rundir import SWEEP_ID_ENV, records_of_sweep
+
+    lines, failed = [], 0
+    for job, record in sorted(records_of_sweep(sweep_dir, os.environ.get(SWEEP_ID_ENV)).items()):
+        status = record.get("status", "completed")
+        failed += status not in ("completed", "skipped")
+        error = f"  {record.get('error', '')}".splitlines()[0][:160] if record.get("error") else ""
+        lines.append(f"  {status:<11} {job}{error}")
+    stop = f"; stopped by {stopped_by}, later jobs not started" if stopped_by else ""
+    done = sum(1 for line in lines if line.split()[0] in ("completed", "skipped"))
+    print(f"sweep {sweep_dir}: {done} completed, {failed} not{stop}", file=sys.stderr, flush=True)
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return failed
 
 
 def config_error_exit(prog: str, err: ConfigError) -> NoReturn:

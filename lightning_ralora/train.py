@@ -6,10 +6,11 @@ The configs ship in the package (lightning_ralora/conf, CONF_DIR); add your own 
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import hydra
 import lightning as L
@@ -17,7 +18,8 @@ import torch
 from omegaconf import DictConfig
 
 from .callbacks.divergence import Diverged
-from .cluster import in_hydra_multirun, objective_value
+from .cli_checks import exit_on_bad_command_line
+from .cluster import Interrupted, StopRequest, check_stop, in_hydra_multirun, install_stop_handlers, objective_value
 from .config import ConfigError, validate_config
 from .evaluation.runner import prepare_training_eval, run_test_stage
 from .gid_profile import gid_main, profile_gid
@@ -37,6 +39,7 @@ from .run import (
     finish_wandb,
     log_run_files,
     peak_memory,
+    print_sweep_summary,
     rank_digests,
     resolve_ckpt,
     results_record,
@@ -46,6 +49,7 @@ from .run import (
     variant_callbacks,
     wandb_mode,
 )
+from .rundir import claim, is_rank_zero, remove_stale_temporaries, write_record
 
 __all__ = [
     "CONF_DIR",
@@ -68,25 +72,42 @@ __all__ = [
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Validate, build, fit, validate once more, and write results.json. Returns the results dict. A resume
-    (`ckpt_path`, a requeue) must carry the checkpoint's identity (else a ConfigError naming the changed keys) and
-    continues its W&B run."""
+    """Validate, claim the run dir, build, fit, validate once more, and record results.json. Returns the results dict.
+    Everything a user can get wrong is refused before compute (ConfigError): the config and data, a second run
+    into the same dir, an earlier run there that was not asked to be resumed or started over, a bad checkpoint. A
+    resume (`ckpt_path`, a requeue) must carry the checkpoint's identity and continues its W&B run. A stop signal
+    raises `Interrupted` at the next safe point, with the checkpoint saved (cluster.StopOnSignal)."""
     from .modules.adapter_module import read_plan
 
+    install_stop_handlers()
     cfg = apply_method_settings(cfg)
     validate_config(cfg)
     eval_jobs = prepare_training_eval(cfg)  # bad eval data or suites fail here, before any training
     run_dir = Path(cfg.run_dir)
-    ckpt = resolve_ckpt(cfg, run_dir)
-    identity = check_resume_identity(cfg, ckpt)  # a changed identity key fails here, before any compute
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with claim(run_dir):  # one writer per run dir (rank 0 holds the lock)
+        start = resolve_ckpt(cfg, run_dir)
+        for note in start.notes:
+            print(note, file=sys.stderr, flush=True)
+        if start.skip is not None:  # ckpt_path=auto on a completed run: kept as it is
+            if is_rank_zero():
+                write_record(run_dir, {"status": "skipped", "error": "completed earlier; kept (ckpt_path=auto)"})
+            return start.skip
+        identity = check_resume_identity(cfg, start.ckpt)  # a changed identity key fails here, before any compute
+        if is_rank_zero():
+            remove_stale_temporaries(run_dir)
+        return _fit_and_record(cfg, run_dir, start.ckpt, identity, eval_jobs, read_plan)
+
+
+def _fit_and_record(cfg: DictConfig, run_dir: Path, ckpt: str | None, identity, eval_jobs, read_plan) -> dict[str, Any]:
+    """The compute of `train`, in its claimed run dir: seed, build, fit, validate, evaluate, record."""
+    check_stop("start")  # a signal before any compute (e.g. between the jobs of a sweep)
     if cfg.get("deterministic"):
         torch.use_deterministic_algorithms(True)
     L.seed_everything(cfg.seed, workers=True)
     start = time.time()
     module = build_module(cfg, run_dir)
     datamodule = module.task.datamodule()
-    ok = False
+    exit_code = 1
     trainer = L.Trainer(
         **trainer_kwargs(cfg),
         callbacks=[*build_callbacks(cfg), RunIdentity(identity)],
@@ -109,22 +130,34 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if cfg.get("export"):  # every rank: under FSDP2 the merge gathers the shards; rank 0 writes
             results["export_dir"] = str(module.export(run_dir / "export"))
         if trainer.is_global_zero:
-            write_json_atomic(run_dir / "results.json", results)
+            write_record(run_dir, results)
             log_run_files(trainer, run_dir, module)
             print(summary(results, run_dir), flush=True)
-        ok = True
+        exit_code = 0
         return results
+    except Interrupted as stop:
+        exit_code = stop.exit_code
+        raise
     finally:
-        finish_wandb(exit_code=0 if ok else 1)
+        finish_wandb(exit_code=exit_code, preempted=exit_code > 128)
 
 
 def run_job(cfg: DictConfig, prog: str = "lightning-ralora-train") -> dict[str, Any]:
-    """`train(cfg)`, with failures recorded: the run dir gets results.json with `status` failed or diverged and the
-    error. Inside a multirun the record is returned and the sweep goes on; a single run exits 2 on a config error
-    (nothing written), 1 on divergence, and re-raises a crash (exit 1)."""
+    """`train(cfg)`, with every outcome recorded. A failure writes a record (`status` failed or diverged and the
+    error; attempts/, and results.json unless that holds a completed run): inside a multirun it is returned and the
+    sweep goes on; a single run exits 2 on a config error (nothing written), 1 on divergence, and re-raises a crash
+    (exit 1). A stop signal records the job (interrupted or requeued, its step and checkpoint), requeues it under
+    SLURM, prints the sweep's summary inside a multirun, and exits 128 + the signal: later jobs do not start."""
+    install_stop_handlers()
     multirun = in_hydra_multirun()
     try:
-        return train(cfg)
+        results = train(cfg)
+    except Interrupted as stop:
+        _record_stop(cfg, stop, prog, multirun)
+    except (KeyboardInterrupt, SystemExit) as err:  # a second Ctrl+C, or an exit from inside Lightning
+        if StopRequest.signum is None or (isinstance(err, SystemExit) and err.code in (None, 0, 2)):
+            raise
+        _record_stop(cfg, Interrupted("unknown (stopped at once)"), prog, multirun)
     except Exception as err:
         if isinstance(err, ConfigError) and not multirun:
             config_error_exit(prog, err)
@@ -136,6 +169,29 @@ def run_job(cfg: DictConfig, prog: str = "lightning-ralora-train") -> dict[str, 
             print(f"{prog}: {err}", file=sys.stderr, flush=True)
             sys.exit(1)
         raise
+    if multirun and StopRequest.signum is not None:  # the signal came after this job's last safe point
+        _stop_sweep(StopRequest.signum)
+    return results
+
+
+def _record_stop(cfg: DictConfig, stop: Interrupted, prog: str, multirun: bool) -> NoReturn:
+    """Record an interrupted job, requeue it if asked, stop (the sweep too) with exit code 128 + the signal."""
+    record = failure_record(cfg, stop)
+    if stop.requeued and is_rank_zero():
+        stop.requeue()
+    print(f"{prog}: {record['error']}; to resume: {record['resume']}", file=sys.stderr, flush=True)
+    if multirun:
+        _stop_sweep(stop.signum)
+    sys.exit(stop.exit_code)
+
+
+def _stop_sweep(signum: signal.Signals) -> NoReturn:
+    """Print this sweep's summary (its jobs so far) and end the sweep with exit code 128 + the signal."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if is_rank_zero():
+        print_sweep_summary(Path(str(HydraConfig.get().sweep.dir)), stopped_by=signum.name)
+    sys.exit(128 + int(signum))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -150,7 +206,9 @@ def _hydra_main(cfg: DictConfig) -> float:
 
 def main() -> None:
     """`lightning-ralora-train [overrides]`: one training run (or a sweep with -m) from the Hydra configs; a sweep
-    with a failed job exits 1 after its summary."""
+    with a failed job exits 1 after its summary; a stop signal exits 128 + the signal after recording the run."""
+    exit_on_bad_command_line(sys.argv[1:], "lightning-ralora-train")  # Hydra-level errors: one line, exit 2
+    install_stop_handlers()
     _hydra_main()
     if SweepSummary.failed:
         sys.exit(1)

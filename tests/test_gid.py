@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ralora.adapters import RaLoRALinear, adapter_layers, inject
+from lightning_ralora.adapters.registry import check_adapter
 from lightning_ralora.callbacks.gid_warmup import GIDWarmup, rank_shard
 from lightning_ralora.gid import (
     GIDStat,
@@ -295,18 +297,31 @@ def test_validate_ralora_cfg() -> None:
     for needle in (
         "adapter.n_max must be a power of two",
         "adapter.r_min (16) must be <= adapter.r_max (4)",
-        "adapter.gid_batches must be an integer >= 1",
+        "adapter.gid_batches must be a positive integer, got 0",
         "adapter.smoothing must be one of ['sqrt', 'none']",
-        "adapter.scale must be one of ['alpha/r_ref', 'alpha/r_l']",
-        "adapter.r must be an integer >= 1",
-        "adapter.r_ref must be an integer >= 1",
+        "adapter.scale='alpha' is not a GID plan's scale rule (needs_gid: true); allowed: ['alpha/r_ref', 'alpha/r_l']",
+        "adapter.r must be a positive integer, got 0",
+        "adapter.r_ref must be a positive integer, got -1",
     ):
         assert needle in text, f"missing: {needle}\n{text}"
     assert len(problems) == 7
-    missing = validate_ralora_cfg({"name": "ralora"})
-    assert "adapter.n_max is missing" in missing and "adapter.gid_batches is missing" in missing
+    # one validator: the registry's schema (absent keys take its defaults; unknown keys are named)
+    assert validate_ralora_cfg(bad) == check_adapter({**bad, "needs_gid": True})
+    assert validate_ralora_cfg({"name": "ralora", "r": 8}) == []
+    assert validate_ralora_cfg({"name": "ralora", "r": 8, "rnak": 4})[0].startswith("adapter.rnak is not a field")
     with pytest.raises(ValueError, match="invalid RaLoRA adapter config"):
         build_ralora_plan(STATS, SHAPES, bad)
+
+
+def test_numeric_scale_is_refused_for_a_gid_plan_by_the_schema() -> None:
+    """adapter=ralora adapter.scale=2.0: a number is a uniform plan's scale; the config check (the registry) and the
+    plan builder refuse it with the same sentence."""
+    cfg = _cfg("ralora", scale=2.0)
+    expected = "adapter.scale=2.0 is not a GID plan's scale rule (needs_gid: true)"
+    assert [p for p in check_adapter(cfg) if expected in p], check_adapter(cfg)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        build_ralora_plan(STATS, SHAPES, cfg)
+    assert check_adapter({**cfg, "needs_gid": False}) == []  # a uniform plan takes a numeric scale
 
 
 def test_plots_write_png(tmp_path) -> None:

@@ -60,6 +60,12 @@ class GraLoRAConfig(LowRankConfig):
             problems.append(f"{self.f('k')}={self.k} must divide {self.f('r')}={self.r} (each block gets rank r/k)")
         return problems + nonneg_int(self.hybrid_r, self.f("hybrid_r"))
 
+    def rank_limits(self) -> dict[str, int]:
+        """r (the total rank: k x k blocks of rank r/k on (out/k) x (in/k) chunks, so r/k <= min(out, in)/k) and the
+        dense hybrid_r."""
+        extra = {"hybrid_r": self.hybrid_r} if is_pos_int(self.hybrid_r) else {}
+        return {**super().rank_limits(), **extra}
+
     def shape_problems(self, in_features: int, out_features: int) -> list[str]:
         """k must divide in_features and out_features of the target (k=auto: the plan halves k until it does)."""
         if not is_pos_int(self.k):

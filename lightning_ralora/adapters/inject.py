@@ -46,6 +46,15 @@ def find_targets(model: nn.Module, target_modules: Iterable[str] | str, exclude:
         target_modules = list(target_modules)
         if not target_modules:
             raise ValueError("adapter.target_modules is empty: give module-name suffixes or a regex")
+        _check_entries(model, target_modules)
+    else:
+        try:
+            re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(
+                f"adapter.target_modules={target_modules!r} is not a valid regular expression ({err}); allowed: a "
+                "regex that full-matches module names, or a list of module-name suffixes"
+            ) from None
     exclude = list(exclude)
     names = [n for n in linear_names(model) if _matches(n, target_modules) and not _inside(n, exclude)]
     if not names:
@@ -61,6 +70,23 @@ def find_targets(model: nn.Module, target_modules: Iterable[str] | str, exclude:
             f"Linear layer names in this model end in: {suffixes}"
         )
     return names
+
+
+def _check_entries(model: nn.Module, entries: list[str]) -> None:
+    """A list entry that matches modules of the model, none of them nn.Linear (an embedding, a norm, a block, a
+    GPT-2 Conv1D), is a mistake, not a no-op: refuse it, naming what it matches and the linear suffixes."""
+    linear = linear_names(model)
+    for entry in entries:
+        if any(_matches(n, [entry]) for n in linear):
+            continue
+        hits = [(n, type(m).__name__) for n, m in model.named_modules() if n and _matches(n, [entry])]
+        if hits:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
+            shown = ", ".join(f"{n} ({t})" for n, t in hits[:3]) + (f", +{len(hits) - 3} more" if len(hits) > 3 else "")
+            raise ValueError(
+                f"adapter.target_modules entry {entry!r} matches no linear layer, only {shown}; adapters wrap "
+                f"torch.nn.Linear layers, whose names end in: {suffixes}"
+            )
 
 
 def find_modules(model: nn.Module, patterns: Iterable[str] | str) -> list[str]:

@@ -62,13 +62,27 @@ class RaLoRAConfig(LowRankConfig):
         problems += pos_int(self.n_blocks, self.f("n_blocks"))
         problems += power_of_two(self.n_max, self.f("n_max"))
         problems += one_of(self.smoothing, self.f("smoothing"), SMOOTHINGS)
-        if not (self.scale is None or self.scale in SCALE_RULES or (is_number(self.scale) and self.scale > 0)):
+        if self.needs_gid and self.scale not in SCALE_RULES:  # the plan writes each layer's scale from a rule
+            problems.append(
+                f"{self.f('scale')}={self.scale!r} is not a GID plan's scale rule (needs_gid: true); allowed: "
+                f"{list(SCALE_RULES)} (a number or null only with needs_gid: false, a uniform plan)"
+            )
+        elif not (self.scale is None or self.scale in SCALE_RULES or (is_number(self.scale) and self.scale > 0)):
             problems.append(
                 f"{self.f('scale')} must be a positive number, null (alpha/r) or one of {list(SCALE_RULES)}, "
                 f"got {self.scale!r}"
             )
         problems += pos_int(self.gid_batches, self.f("gid_batches"))
         return problems
+
+    def rank_limits(self) -> dict[str, int]:
+        """r (every block's rank; the GID plan keeps n_l·r <= erank <= min(out, in)); for the budget rules
+        (ralora_pro, ls_lora) also r_ref (null: r, checked as r), the base rank the budget P redistributes, and the
+        floor r_min. r_max is not refused: the plan clips each layer's rank to min(out, in) (rules.allocate_ranks)."""
+        limits = super().rank_limits()
+        if self.needs_gid and self.name in ("ralora_pro", "ls_lora"):
+            limits.update({k: v for k, v in (("r_ref", self.r_ref), ("r_min", self.r_min)) if is_pos_int(v)})
+        return limits
 
     def shape_problems(self, in_features: int, out_features: int) -> list[str]:
         """n_blocks must divide both dimensions (a GID plan halves n_l until it does)."""

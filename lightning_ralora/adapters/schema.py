@@ -124,6 +124,9 @@ class AdapterConfig:
 
     kind: ClassVar[str] = ""
     prefix: ClassVar[str] = "adapter"
+    # True: a rank above min(in, out) cannot be built (SDS's orthonormal bases), so `shape_problems` refuses it too;
+    # False: it only wastes parameters, and config validation refuses it (`rank_limits`)
+    ranks_must_fit: ClassVar[bool] = False
 
     name: str = doc("variant name (W&B group, results.json)", "")
     target_modules: Any = doc("null: model.target_modules; or a list of module-name suffixes / a regex", None)
@@ -169,6 +172,20 @@ class AdapterConfig:
         """Problems fitting this config onto one target linear (in_features -> out_features); [] by default."""
         return []
 
+    def rank_limits(self) -> dict[str, int]:
+        """{field: rank} of the ranks that must not exceed min(in_features, out_features) of any target: an update
+        of an m x n layer has rank at most min(m, n), so a larger rank only adds parameters. {} by default."""
+        return {}
+
+    def rank_problems(self, in_features: int, out_features: int) -> list[str]:
+        """One sentence per `rank_limits` field above min(in_features, out_features) of one target linear."""
+        lim = min(in_features, out_features)
+        return [
+            f"{self.f(k)}={v} must be <= min(in_features, out_features)={lim} of the target layer"
+            for k, v in self.rank_limits().items()
+            if v > lim
+        ]
+
     def to_spec(self) -> Any:
         """The LayerSpec a uniform plan uses for every target (layer kinds only)."""
         raise TypeError(f"adapter.kind={self.kind!r} builds no adapter layers")
@@ -205,6 +222,10 @@ class LowRankConfig(AdapterConfig):
         elif self.compile and self.kind == "peft":
             problems.append(f"{self.f('compile')}=true compiles our adapter layers; kind peft has none of them")
         return problems
+
+    def rank_limits(self) -> dict[str, int]:
+        """The rank r (for every low-rank kind: LoRA's r, GraLoRA's total r over its k x k blocks, RaLoRA's r)."""
+        return {"r": self.r} if is_pos_int(self.r) else {}
 
     def layer_spec(self, **variant_fields: Any) -> Any:
         """The LayerSpec of this config: the shared fields plus the variant's own."""

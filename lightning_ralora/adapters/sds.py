@@ -27,7 +27,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .base import AdapterLayer, BlockTerm, LayerSpec, add_product, dense, kaiming_uniform_, single_term
 from .registry import BenchmarkEntry, register_variant
-from .schema import CallbackSpec, LowRankConfig, doc, is_pos_int, nonneg_int, pos_int, raise_problems
+from .schema import CallbackSpec, LowRankConfig, doc, nonneg_int, pos_int, raise_problems
 
 
 @dataclass
@@ -35,6 +35,7 @@ class SDSConfig(LowRankConfig):
     """SDS-LoRA: LoRA warm-up, then ΔW = s·(B Q_Aᵀ + Q_B A) with QR-refreshed bases; s = alpha/sqrt(r)."""
 
     kind = "sds"
+    ranks_must_fit = True
     alpha: float = doc("scale s = alpha/sqrt(r) (paper default alpha = 4, as rsLoRA)", 4.0)
     warmup_steps: int = doc("optimizer steps of plain LoRA before the SVD switch", 10)
     K: int = doc("refresh schedule: K phases, Q's refreshed every i-th step in phase i", 5)
@@ -45,11 +46,9 @@ class SDSConfig(LowRankConfig):
 
     def shape_problems(self, in_features: int, out_features: int) -> list[str]:
         """r <= min(in, out): Q_A (in x r) and Q_B (out x r) need r orthonormal columns."""
-        if not is_pos_int(self.r) or self.r <= min(in_features, out_features):
-            return []
         return [
-            f"{self.f('r')}={self.r} must be <= min(in_features, out_features)={min(in_features, out_features)} "
-            "for SDS-LoRA: Q_A (in x r) and Q_B (out x r) need r orthonormal columns"
+            p + " (SDS-LoRA: Q_A (in x r) and Q_B (out x r) need r orthonormal columns)"
+            for p in self.rank_problems(in_features, out_features)
         ]
 
     def to_spec(self) -> LayerSpec:

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..cluster import Interrupted, stop_agreed
 from ..io import write_json_atomic
 from ..plan import AdapterPlan
 from ..rank.estimate import estimate_gid, spearman, warmup_train_mode
@@ -91,9 +92,9 @@ class GIDWarmup(L.Callback):
             return
         if trainer.ckpt_path:
             return  # resuming: the module rebuilds the plan stored in the checkpoint
-        problems = validate_ralora_cfg(cfg)
+        problems = validate_ralora_cfg(cfg)  # the registry's schema: refused before the warm-up's compute
         if problems:
-            raise ValueError("invalid RaLoRA adapter config:\n  - " + "\n  - ".join(problems))
+            raise ValueError("invalid RaLoRA adapter config: " + "; ".join(problems))
         pl_module.plan = self.estimate_plan(trainer, pl_module, cfg)
         if trainer.is_global_zero:
             self._write_and_log(trainer, pl_module, pl_module.plan)
@@ -143,7 +144,11 @@ class GIDWarmup(L.Callback):
         seen: dict[str, Any] = {}
 
         def batches() -> Iterator[Any]:
-            for batch in rank_shard(loader, rank, world, n):
+            for i, batch in enumerate(rank_shard(loader, rank, world, n)):
+                # a stop signal ends the warm-up at a batch boundary (nothing to keep: a resume recomputes it);
+                # every rank runs the same count of batches here, so the check may be a collective
+                if stop_agreed(trainer.strategy if world > 1 else None):
+                    raise Interrupted("gid_warmup", i)
                 if "batch_size" not in seen:
                     seen["batch_size"] = _batch_size(loader, batch)
                 yield move_data_to_device(batch, device)

@@ -104,13 +104,21 @@ def register_suite(cls: type[GenerationSuite]) -> type[GenerationSuite]:
 # `module` is the AdapterModule (backbone, task, tokenizer) in eval mode on its device
 ClassificationEval = Callable[[Any, Mapping[str, Any]], tuple[dict[str, float], list[dict[str, Any]]]]
 CLASSIFICATION_SUITES: dict[str, ClassificationEval] = {}
+# the data check of a classification suite, run by `runner.prepare` before any model loads: fn(eval_cfg) raises
+# EvalDataError on local data it cannot score (hub data is checked when it loads)
+CLASSIFICATION_CHECKS: dict[str, Callable[[Mapping[str, Any]], None]] = {}
 
 
-def register_classification_suite(name: str) -> Callable[[ClassificationEval], ClassificationEval]:
-    """Decorator: make a classification suite (GLUE, image) selectable as `eval=<name>`."""
+def register_classification_suite(
+    name: str, check: Callable[[Mapping[str, Any]], None] | None = None
+) -> Callable[[ClassificationEval], ClassificationEval]:
+    """Decorator: make a classification suite (GLUE, image) selectable as `eval=<name>`; `check(eval_cfg)` checks
+    its local data before any model loads."""
 
     def wrap(fn: ClassificationEval) -> ClassificationEval:
         CLASSIFICATION_SUITES[name] = fn
+        if check is not None:
+            CLASSIFICATION_CHECKS[name] = check
         return fn
 
     return wrap

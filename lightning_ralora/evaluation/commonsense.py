@@ -166,6 +166,8 @@ class CommonsenseSuite(GenerationSuite):
         rows: list[dict[str, Any]] = []
         for suite, path in files.items():
             suite_rows = read_rows(path)
+            if not suite_rows:  # scored, the subset would report accuracy 0.0 over nothing
+                raise EvalDataError(f"eval.data_files={path}: no data rows for commonsense subset {suite} (empty)")
             self.check_rows(suite_rows, str(path))
             rows.extend({**row, "suite": suite} for row in suite_rows)
         return rows

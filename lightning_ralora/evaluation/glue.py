@@ -128,6 +128,35 @@ def glue_rows(task: str, eval_cfg: Mapping[str, Any]) -> dict[str, list[dict[str
     return rows
 
 
+def _local_files(eval_cfg: Mapping[str, Any]) -> list[Any]:
+    """The local files of `eval.data_files` for GLUE: one path, {split: path}, or either under the key `glue`."""
+    files = eval_cfg.get("data_files")
+    if isinstance(files, Mapping) and "glue" in files:
+        files = files["glue"]
+    if not files:
+        return []
+    return list(files.values()) if isinstance(files, Mapping) else [files]
+
+
+def check_glue_data(eval_cfg: Mapping[str, Any]) -> None:
+    """Before any model loads: every local GLUE file exists, parses and holds rows (with `eval.glue_task`'s columns
+    when it is set; the run's task.glue_task is checked when the suite runs)."""
+    task = glue_task_name(eval_cfg["glue_task"]) if eval_cfg.get("glue_task") else None
+    need = [k for k in (GLUE_TASKS[task].text_key, GLUE_TASKS[task].text_pair_key, "label") if k] if task else []
+    for path in _local_files(eval_cfg):
+        try:
+            rows = _local_rows(path)
+        except EvalDataError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a CSV the loader cannot parse: one line naming it
+            raise EvalDataError(f"eval.data_files={path}: cannot be read ({type(err).__name__})") from None
+        if not rows:
+            raise EvalDataError(f"eval.data_files={path}: no data rows (an empty file)")
+        for i, row in enumerate(rows, start=1):
+            if any(k not in row for k in need):
+                raise EvalDataError(f"eval.data_files={path}: row {i} lacks {[k for k in need if k not in row]}")
+
+
 @torch.no_grad()
 def predict_rows(module: Any, task: str, rows: Sequence[Mapping[str, Any]], batch_size: int = 32) -> list[float]:
     """The module's predictions on GLUE rows: classes (argmax), or STS-B scores (the regression output)."""
@@ -153,7 +182,7 @@ def predict_rows(module: Any, task: str, rows: Sequence[Mapping[str, Any]], batc
     return out
 
 
-@register_classification_suite("glue")
+@register_classification_suite("glue", check=check_glue_data)
 def evaluate_glue(module: Any, eval_cfg: Mapping[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Score the module on `eval.glue_task`'s validation data (defaults to the module's `task.glue_task`); records
     per example: split, text, text_pair, label, prediction, correct (None for STS-B: a regression has no

@@ -59,7 +59,20 @@ def image_eval_data(eval_cfg: Mapping[str, Any]):
     return ds, image_key or spec.image_key, label_key or spec.label_key
 
 
-@register_classification_suite("image")
+def check_image_data(eval_cfg: Mapping[str, Any]) -> None:
+    """Before any model loads: a local `eval.data_dir` exists and holds class folders."""
+    if not eval_cfg.get("data_dir"):
+        return
+    from ..tasks.image_classification import folder_classes
+
+    path = Path(eval_cfg["data_dir"]).expanduser()
+    if not path.is_dir():
+        raise EvalDataError(f"eval.data_dir={path}: directory not found")
+    if not folder_classes(path):
+        raise EvalDataError(f"eval.data_dir={path}: no class folders (<data_dir>/<class>/*.png, or under test/)")
+
+
+@register_classification_suite("image", check=check_image_data)
 @torch.no_grad()
 def evaluate_image(module: Any, eval_cfg: Mapping[str, Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Top-1 accuracy (`accuracy`, a fraction) and n; records per example: index, label, prediction, correct."""

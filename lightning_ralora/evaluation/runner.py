@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..io import write_json_atomic
 from .base import (
+    CLASSIFICATION_CHECKS,
     CLASSIFICATION_SUITES,
     SUITES,
     EvalDataError,
@@ -134,17 +135,50 @@ def build_suite(cls: type[GenerationSuite], cfg: Mapping[str, Any], tokenizer: A
     return suite
 
 
+def check_eval_values(cfg: Mapping[str, Any]) -> None:
+    """The `eval` keys every suite reads: batch_size, max_samples and max_new_tokens positive integers or null."""
+    from ..adapters.schema import is_pos_int
+
+    nulls = {"batch_size": "8 per call", "max_samples": "every example", "max_new_tokens": "the suite's own"}
+    for key, means in nulls.items():
+        if cfg.get(key) is not None and not is_pos_int(cfg[key]):
+            raise EvalConfigError(f"eval.{key} must be a positive integer or null ({means}), got {cfg[key]!r}")
+
+
+def check_run_tokenizer(names: Sequence[str], backend: str, run_task: str | None) -> None:
+    """Generation suites (and the lm_eval backend) decode with the run's tokenizer, which only tasks that load
+    `model.tokenizer` have: refuse the others (task=planted) before any model loads."""
+    from ..tasks import TASKS
+
+    task_cls = TASKS.get(run_task) if run_task else None
+    generating = [n for n in names if backend == "lm_eval" or n in SUITES]
+    if task_cls is None or task_cls.loads_tokenizer or not generating:
+        return
+    loaders = sorted(n for n, t in TASKS.items() if t.loads_tokenizer)
+    raise EvalConfigError(
+        f"eval={generating[0]} generates text with the run's tokenizer (model.tokenizer), but task={run_task} loads "
+        f"none; allowed: a run of task {' or '.join(loaders)} (model.tokenizer: bytes, a hub name or a local path)"
+    )
+
+
 def prepare(
-    eval_cfg: Mapping[str, Any], template: str | None = None, family: str | None = "causal_lm", tokenizer: Any = None
+    eval_cfg: Mapping[str, Any],
+    template: str | None = None,
+    family: str | None = "causal_lm",
+    tokenizer: Any = None,
+    run_task: str | None = None,
 ) -> list[SuiteJob]:
-    """Resolve the suites, load and check their rows, build the examples with the prompt `template`, and refuse
-    code-executing suites unless `eval.allow_code_execution=true`. Raises EvalConfigError / EvalDataError."""
+    """Resolve the suites, load and check their rows (every file in full; none may be empty), build the examples
+    with the prompt `template`, and refuse code-executing suites unless `eval.allow_code_execution=true` and
+    generation on a run whose task (`run_task`) loads no tokenizer. Raises EvalConfigError / EvalDataError."""
     cfg = _plain(eval_cfg)
     load_suite_modules(cfg.get("plugins") or ())
     names = suite_names(cfg)
     backend = cfg.get("backend") or "builtin"
     if backend not in ("builtin", "lm_eval"):
         raise EvalConfigError(f"eval.backend={backend!r} is unknown; allowed: builtin, lm_eval")
+    check_eval_values(cfg)
+    check_run_tokenizer(names, backend, run_task)
     if backend == "lm_eval":  # the harness loads its own data; names may be any lm-eval task
         if "humaneval" in names and not cfg.get("allow_code_execution"):
             raise EvalConfigError("eval=humaneval executes model-generated code; set eval.allow_code_execution=true")
@@ -164,15 +198,21 @@ def prepare(
     jobs = []
     for n in names:
         if n in CLASSIFICATION_SUITES:
+            if n in CLASSIFICATION_CHECKS:
+                CLASSIFICATION_CHECKS[n](cfg)
             jobs.append(SuiteJob(n, classify=CLASSIFICATION_SUITES[n]))
             continue
         suite = build_suite(SUITES[n], cfg, tokenizer)
         path = _data_file(cfg, n, len(names))
         if path:  # a suite with several files (commonsense: a folder or {subset: file}) reads them itself
             rows = suite.load_rows(path) if hasattr(suite, "load_rows") else read_rows(path)
-            source = str(path)
+            source = f"eval.data_files={path}"
         else:
             rows, source = _hub_rows(suite, n), f"eval={n} hub data"
+        if not rows:  # scored, it would report accuracy 0.0 over nothing
+            raise EvalDataError(
+                f"{source}: no data rows for eval={n} (an empty file); a row needs {list(suite.required_keys)}"
+            )
         suite.check_rows(rows, source)
         if cfg.get("max_samples"):
             rows = rows[: int(cfg["max_samples"])]
@@ -182,6 +222,8 @@ def prepare(
             raise
         except ValueError as err:  # e.g. template=chat without a tokenizer that has a chat template
             raise EvalConfigError(f"eval={n}: {err}") from None
+        if not examples:
+            raise EvalDataError(f"{source}: no examples for eval={n} (no row of the selected subsets)")
         jobs.append(SuiteJob(n, suite=suite, examples=examples))
     return jobs
 
@@ -348,6 +390,18 @@ def generation_settings(module_or_model: Any, eval_cfg: Mapping[str, Any]) -> di
     return {"add_special_tokens": bool(special), "seed": getattr(task, "seed", None)}
 
 
+def stoppable(generate: Callable[..., list[str]], suite: str) -> Callable[..., list[str]]:
+    """`generate` that first checks for a stop signal (cluster.check_stop): an evaluation ends at a batch boundary,
+    nothing written (a resume evaluates again)."""
+    from ..cluster import check_stop
+
+    def call(*args: Any, **kwargs: Any) -> list[str]:
+        check_stop(f"eval ({suite})")
+        return generate(*args, **kwargs)
+
+    return call
+
+
 def run_jobs(
     module_or_model: Any,
     jobs: Sequence[SuiteJob],
@@ -387,7 +441,7 @@ def run_jobs(
                 **generation_settings(module_or_model, cfg),
             )
         # an empty shard still runs: under FSDP its generate calls keep the ranks' collectives in step
-        records = job.suite.run(generate, [job.examples[i] for i in mine])
+        records = job.suite.run(stoppable(generate, job.name), [job.examples[i] for i in mine])
         records = gather_records([{"index": i, **r} for i, r in zip(mine, records, strict=True)])
         metrics[job.name] = {**job.suite.aggregate(records), "n": len(records)}
         records_by_suite[job.name] = records
@@ -520,9 +574,10 @@ def prepare_training_eval(cfg: Mapping[str, Any]) -> list[SuiteJob]:
             ]
         )
     template = run_template(cfg)
-    model = cfg.get("model") or {}
+    model, task = cfg.get("model") or {}, (cfg.get("task") or {}).get("name")
     try:
-        return prepare(cfg["eval"], template, model.get("family"), template_tokenizer(template, model.get("tokenizer")))
+        tok = template_tokenizer(template, model.get("tokenizer"))
+        return prepare(cfg["eval"], template, model.get("family"), tok, run_task=task)
     except (EvalConfigError, EvalDataError) as err:
         raise ConfigError([str(err)]) from None
 

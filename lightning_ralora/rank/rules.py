@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..adapters.base import LayerSpec
-from ..adapters.ralora import PLAN_RULES, SCALE_RULES, SMOOTHINGS
+from ..adapters.ralora import PLAN_RULES, SCALE_RULES, SMOOTHINGS, RaLoRAConfig
 from ..adapters.schema import is_pos_int, is_power_of_two
 from ..plan import AdapterPlan, PlanEntry
 
@@ -57,7 +57,8 @@ def allocate_ranks(
     r_max: int,
     smoothing: str = "sqrt",
 ) -> tuple[dict[str, int], dict[str, Any]]:
-    """RaLoRA-Pro's inter-layer budget (docs/maths.md §4): r_l = clamp(⌊P·α_l / f(m_l+n_l)⌋, r_min, r_max) ≥ 1.
+    """RaLoRA-Pro's inter-layer budget (docs/maths.md §4): r_l = clamp(⌊P·α_l / f(m_l+n_l)⌋, r_min, r_max) ≥ 1,
+    then at most min(m_l, n_l) (our choice, where the paper is silent: a rank above it only adds parameters).
 
     α_l = I_l/ΣI, P = Σ f(m_l+n_l)·r_ref, f = √ ("sqrt", dimension smoothing) or identity ("none", exact budget).
     Returns the ranks and a budget record: P, α, the unclamped ranks, why each clipped module was clipped,
@@ -95,6 +96,9 @@ def allocate_ranks(
         elif r > r_max:
             notes[n] = f"rank {raw[n]:.3g} floored to {r}, clipped to adapter.r_max={r_max}"
             r = r_max
+        if r > min(shapes[n]):  # the update of an m x n layer has rank <= min(m, n): more only adds parameters
+            notes[n] = f"rank {raw[n]:.3g} floored to {r}, clipped to min(out, in)={min(shapes[n])} of the layer"
+            r = min(shapes[n])
         ranks[n] = r
     params_plan = sum(ranks[n] * (shapes[n][0] + shapes[n][1]) for n in names)
     params_uniform = sum(r_ref * (shapes[n][0] + shapes[n][1]) for n in names)
@@ -115,44 +119,11 @@ def allocate_ranks(
 
 
 def validate_ralora_cfg(cfg: Mapping[str, Any]) -> list[str]:
-    """Every problem of a RaLoRA-family adapter config, each naming `adapter.<key>` and the allowed values."""
-    problems: list[str] = []
+    """Every problem of a RaLoRA-family adapter config as a GID plan: the registry's schema (`RaLoRAConfig.validate`,
+    what config validation runs before any compute), with `needs_gid` set, since a plan is what is asked for."""
+    from ..adapters.registry import check_adapter
 
-    def get(key: str) -> Any:
-        if key not in cfg:
-            problems.append(f"adapter.{key} is missing")
-            return None
-        return cfg[key]
-
-    name = get("name")
-    if name is not None and name not in VARIANTS:
-        problems.append(f"adapter.name must be one of {list(VARIANTS)} for GID plans, got {name!r}")
-    for key in ("r", "r_ref", "r_min", "r_max"):
-        v = get(key)
-        if key in cfg and not is_pos_int(v):
-            problems.append(f"adapter.{key} must be an integer >= 1, got {v!r}")
-    r_min, r_max = cfg.get("r_min"), cfg.get("r_max")
-    if is_pos_int(r_min) and is_pos_int(r_max) and r_min > r_max:
-        problems.append(f"adapter.r_min ({r_min}) must be <= adapter.r_max ({r_max})")
-    n_max = get("n_max")
-    if "n_max" in cfg and not is_power_of_two(n_max):
-        problems.append(f"adapter.n_max must be a power of two (1, 2, 4, 8, ...), got {n_max!r}")
-    gb = get("gid_batches")
-    if "gid_batches" in cfg and not is_pos_int(gb):
-        problems.append(f"adapter.gid_batches must be an integer >= 1 (warm-up batches per rank), got {gb!r}")
-    sm = get("smoothing")
-    if "smoothing" in cfg and sm not in SMOOTHINGS:
-        problems.append(f"adapter.smoothing must be one of {list(SMOOTHINGS)} (the string 'none'), got {sm!r}")
-    sc = get("scale")
-    if "scale" in cfg and sc not in SCALES:
-        problems.append(f"adapter.scale must be one of {list(SCALES)}, got {sc!r}")
-    alpha = get("alpha")
-    if "alpha" in cfg and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and alpha > 0):
-        problems.append(f"adapter.alpha must be a positive number, got {alpha!r}")
-    dp = cfg.get("dropout", 0.0)
-    if not (isinstance(dp, (int, float)) and not isinstance(dp, bool) and 0.0 <= dp < 1.0):
-        problems.append(f"adapter.dropout must be in [0, 1), got {dp!r}")
-    return problems
+    return check_adapter({**cfg, "kind": cfg.get("kind", "ralora"), "needs_gid": True})
 
 
 def build_ralora_plan(
@@ -165,24 +136,20 @@ def build_ralora_plan(
     """
     problems = validate_ralora_cfg(cfg)
     if problems:
-        raise ValueError("invalid RaLoRA adapter config:\n  - " + "\n  - ".join(problems))
+        raise ValueError("invalid RaLoRA adapter config: " + "; ".join(problems))
     missing = [n for n in shapes if n not in stats]
     if missing:
         raise ValueError(f"build_ralora_plan: no GID statistics for target module(s) {missing[:4]}")
-    variant = cfg["name"]
-    r_ref, alpha = int(cfg["r_ref"]), float(cfg["alpha"])
+    c = RaLoRAConfig.from_cfg(cfg)  # the schema's defaults for absent keys
+    variant = c.name
+    r_ref, alpha = int(c.r if c.r_ref is None else c.r_ref), float(c.alpha)
     dims = {n: int(shapes[n][0]) + int(shapes[n][1]) for n in shapes}
     budget_info: dict[str, Any] | None = None
     if variant == "ralora":
-        ranks = {n: int(cfg["r"]) for n in shapes}
+        ranks = {n: int(c.r) for n in shapes}
     else:
         ranks, budget_info = allocate_ranks(
-            {n: stats[n].importance for n in shapes},
-            shapes,
-            r_ref,
-            int(cfg["r_min"]),
-            int(cfg["r_max"]),
-            cfg["smoothing"],
+            {n: stats[n].importance for n in shapes}, shapes, r_ref, int(c.r_min), int(c.r_max), c.smoothing
         )
     entries: dict[str, PlanEntry] = {}
     for name, (m, n) in shapes.items():
@@ -196,13 +163,11 @@ def build_ralora_plan(
         if variant == "ls_lora":
             n_l = 1
         else:
-            n_l, note = fit_blocks(blocks_for(st.erank, r_l, int(cfg["n_max"])), int(m), int(n))
+            n_l, note = fit_blocks(blocks_for(st.erank, r_l, int(c.n_max)), int(m), int(n))
             if note:
                 notes.append(note)
-        scale = alpha / r_ref if cfg["scale"] == "alpha/r_ref" else alpha / r_l
-        spec = LayerSpec(
-            kind="ralora", r=r_l, alpha=alpha, dropout=float(cfg.get("dropout", 0.0)), n_blocks=n_l, scale=scale
-        )
+        scale = alpha / r_ref if c.scale == "alpha/r_ref" else alpha / r_l
+        spec = LayerSpec(kind="ralora", r=r_l, alpha=alpha, dropout=float(c.dropout), n_blocks=n_l, scale=scale)
         entries[name] = PlanEntry(
             shape=(int(m), int(n)), spec=spec, erank=st.erank, importance=st.importance, notes=notes
         )
@@ -210,11 +175,11 @@ def build_ralora_plan(
     params_plan = sum(ranks[n] * dims[n] for n in shapes)
     meta: dict[str, Any] = {
         "budget_P": None if budget_info is None else budget_info["budget_P"],
-        "smoothing": cfg["smoothing"],
-        "scale_rule": cfg["scale"],
+        "smoothing": c.smoothing,
+        "scale_rule": c.scale,
         "r_ref": r_ref,
-        "n_max": int(cfg["n_max"]),
-        "gid_batches_cfg": int(cfg["gid_batches"]),
+        "n_max": int(c.n_max),
+        "gid_batches_cfg": int(c.gid_batches),
         "params_uniform_lora_r_ref": params_uniform,
         "params_plan": params_plan,
         "params_drift": params_plan - params_uniform,

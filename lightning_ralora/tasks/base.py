@@ -24,6 +24,8 @@ class Task:
     # names of the modules the task adds or re-initialises (a classification head): trained in full, kept in
     # adapter-only checkpoints and exported; matched as module-name suffixes, the outermost match wins
     head_modules: tuple[str, ...] = ()
+    # True: the task loads `model.tokenizer` (as `self.tokenizer`), which generation suites decode with
+    loads_tokenizer: bool = False
 
     def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], seed: int = 0) -> None:
         self.cfg, self.model_cfg, self.seed = dict(cfg), dict(model_cfg), seed

@@ -9,7 +9,8 @@ split. Models that pool at the last EOS token (T5/BART `*ForSequenceClassificati
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +88,51 @@ def eos_pooled(model_cfg: Mapping[str, Any]) -> bool:
     return model_type in EOS_POOLED_TYPES
 
 
+def _as_int(value: Any) -> int | None:
+    """A label as the integer it denotes (1, 1.0, "1", " 1.0 "), or None (a bool, a word, a fraction)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if isinstance(value, int):
+        return value
+    return int(value) if isinstance(value, float) and value.is_integer() else None
+
+
+def _as_number(value: Any) -> float | None:
+    """A regression label as a finite float, or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def label_check(num_labels: int, label_key: str) -> Callable[[Mapping[str, Any]], str | None]:
+    """The data check of one row's label: an integer in [0, num_labels), or (num_labels 1, regression) a number;
+    the problem names the value and the allowed labels."""
+    if num_labels == 1:
+        allowed = "a finite number (task.num_labels=1: regression)"
+    else:
+        allowed = f"the integers 0..{num_labels - 1} (task.num_labels={num_labels})"
+
+    def check(row: Mapping[str, Any]) -> str | None:
+        value = row.get(label_key)
+        if num_labels == 1:
+            ok = _as_number(value) is not None
+        else:
+            label = _as_int(value)
+            ok = label is not None and 0 <= label < num_labels
+        return None if ok else f"has label {value!r} (column {label_key!r}, task.label_key); allowed: {allowed}"
+
+    return check
+
+
 def _scalar(value: Any) -> Any:
     """A label as a Python number (a 0-d tensor from a torch-formatted dataset, or the number itself)."""
     return value.item() if isinstance(value, torch.Tensor) else value
@@ -97,6 +143,7 @@ class ClassificationTask(Task):
     MSE regression on a float `label` (Pearson, Spearman)."""
 
     name = "classification"
+    loads_tokenizer = True
     objective = ("val/acc", "maximize")  # regression (num_labels 1) logs no acc: see conf/task/classification.yaml
     families = ("seq_classification",)
     # the freshly initialised head of transformers' *ForSequenceClassification: BERT/RoBERTa/DeBERTa/ViT
@@ -113,10 +160,11 @@ class ClassificationTask(Task):
                 return [f"task.glue_task={cfg['glue_task']!r} is unknown; allowed: {sorted(GLUE_TASKS)}"]
         cfg = resolve_glue(cfg)
         keys = {"text_key": "text", "label_key": "label", "text_pair_key": None}
-        problems += super().validate(cfg, model_cfg) + check_data_source(cfg, keys)
+        problems += super().validate(cfg, model_cfg)
         if not (is_int(cfg.get("num_labels")) and cfg["num_labels"] >= 1):
             problems.append(f"task.num_labels must be an integer >= 1 (1: regression), got {cfg.get('num_labels')!r}")
-        return problems
+            return problems + check_data_source(cfg, keys)
+        return problems + check_data_source(cfg, keys, label_check(cfg["num_labels"], cfg.get("label_key", "label")))
 
     def __init__(self, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any], seed: int = 0) -> None:
         super().__init__(resolve_glue(cfg), model_cfg, seed)
@@ -152,9 +200,9 @@ class ClassificationTask(Task):
         """A data row's label as the loss needs it: float (regression) or an int in [0, num_labels)."""
         if self.regression:
             return float(value)
-        label, k = int(value), self.cfg["num_labels"]
-        if not 0 <= label < k:
-            raise ValueError(f"task.label_key={self.cfg.get('label_key', 'label')!r}: label {label} outside [0, {k})")
+        label, k = _as_int(value), self.cfg["num_labels"]  # the rule `label_check` applied before any compute
+        if label is None or not 0 <= label < k:
+            raise ValueError(f"task.label_key={self.cfg.get('label_key', 'label')!r}: label {value!r} outside [0, {k})")
         return label
 
     def encode_row(self, row: Mapping[str, Any]) -> dict[str, Any]:

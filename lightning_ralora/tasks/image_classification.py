@@ -62,6 +62,31 @@ def load_image_splits(cfg: Mapping[str, Any], seed: int):
     return parts["train"], parts["test"]
 
 
+SPLIT_FOLDERS = ("train", "validation", "valid", "val", "test", "dev", "eval")  # imagefolder's split names
+
+
+def folder_classes(root: Path) -> list[str]:
+    """The class folders of an imagefolder (under train/ when the folder is split), sorted as `datasets` labels
+    them 0, 1, ..."""
+    splits = [d for d in sorted(root.iterdir()) if d.is_dir() and d.name in SPLIT_FOLDERS]
+    base = root / "train" if (root / "train").is_dir() else (splits[0] if splits else root)
+    return sorted(d.name for d in base.iterdir() if d.is_dir())
+
+
+def folder_problems(root: Path, num_labels: int) -> list[str]:
+    """An imagefolder needs class folders, at most `task.num_labels` of them (a label >= num_labels has no logit)."""
+    classes = folder_classes(root)
+    if not classes:
+        return [f"task.data_dir={root}: no class folders (<data_dir>/<class>/*.png, optionally under train/)"]
+    if len(classes) > num_labels:
+        shown = classes[:5] + (["..."] if len(classes) > 5 else [])
+        return [
+            f"task.data_dir={root}: {len(classes)} class folders {shown} give labels 0..{len(classes) - 1}, but "
+            f"task.num_labels={num_labels}; allowed: task.num_labels >= {len(classes)}"
+        ]
+    return []
+
+
 class ImageSplits:
     """The datamodule source of an image task: `prepare` (one process per node) loads the data so downloads and
     the datasets cache are written once; `load` (every process) reads them back with the image and label columns."""
@@ -104,6 +129,8 @@ class ImageClassificationTask(Task):
             problems.append(f"task.data_dir={data_dir}: directory not found")
         if not (is_int(cfg.get("num_labels")) and cfg["num_labels"] >= 2):
             problems.append(f"task.num_labels must be an integer >= 2, got {cfg.get('num_labels')!r}")
+        elif data_dir and Path(data_dir).expanduser().is_dir():
+            problems += folder_problems(Path(data_dir).expanduser(), cfg["num_labels"])
         if cfg.get("image_size") is not None:
             problems += pos_int(cfg["image_size"], "task.image_size")
         return problems

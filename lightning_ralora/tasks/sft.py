@@ -63,6 +63,7 @@ class SFTTask(Task):
     """`task=sft`: JSONL of {prompt, response} (or a hub dataset), next-token loss on the response."""
 
     name = "sft"
+    loads_tokenizer = True
     objective = ("val/loss", "minimize")
     families = ("causal_lm",)
 

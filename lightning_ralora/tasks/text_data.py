@@ -7,12 +7,14 @@ import csv
 import gzip
 import hashlib
 import json
+import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..adapters.schema import pos_int
+
 LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-CHECK_LINES = 1000  # JSONL rows parsed by the pre-compute check (the rest is left to the loader)
 
 
 def local_suffix(path: str | Path) -> str:
@@ -28,6 +30,9 @@ def _open_text(path: Path, **kwargs: Any):
     return path.open(encoding="utf-8", errors="replace", **kwargs)
 
 
+RowCheck = Callable[[Mapping[str, Any]], "str | None"]  # a problem with one row (e.g. its label), or None
+
+
 def _columns(cfg: Mapping[str, Any], keys: Mapping[str, str | None]) -> dict[str, str]:
     """{column name: the task key naming it} of the columns every row needs (None defaults are optional)."""
     out = {}
@@ -38,44 +43,149 @@ def _columns(cfg: Mapping[str, Any], keys: Mapping[str, str | None]) -> dict[str
     return out
 
 
-def check_file_content(path: Path, name: str, columns: Mapping[str, str]) -> list[str]:
-    """One line naming the file and the problem: an invalid JSONL row (first CHECK_LINES rows) or a row/CSV header
-    without a required column."""
-    if local_suffix(path) == ".jsonl":
+def _row_problem(row: Any, columns: Mapping[str, str], check: RowCheck | None) -> str | None:
+    """What is wrong with one parsed row: not an object, a required column absent or null, or `check`'s problem."""
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not a JSON object"
+    missing = [f"{c!r} ({k})" for c, k in columns.items() if c not in row]
+    if missing:
+        return f"has no column {', '.join(missing)}; it has {sorted(row)}"
+    null = [f"{c!r} ({k})" for c, k in columns.items() if row[c] is None]
+    if null:
+        return f"has a null {', '.join(null)}"
+    return check(row) if check is not None else None
+
+
+def _jsonl_rows(path: Path, name: str, columns: Mapping[str, str], check: RowCheck | None) -> tuple[int, str | None]:
+    """(rows, first problem) of a JSONL file, every line parsed in one streaming pass."""
+    n = 0
+    with _open_text(path) as fh:
+        for i, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                return n, f"{name}={path}: line {i} is not valid JSON ({err.msg}, column {err.colno})"
+            problem = _row_problem(row, columns, check)
+            if problem:
+                return n, f"{name}={path}: line {i} {problem}"
+            n += 1
+    return n, None
+
+
+def _json_rows(path: Path, name: str, columns: Mapping[str, str], check: RowCheck | None) -> tuple[int, str | None]:
+    """(rows, first problem) of a .json file: a JSON list of row objects, or JSON lines (as `datasets` reads both)."""
+    with _open_text(path) as fh:
+        head = fh.read(4096).lstrip()
+    if not head.startswith("["):
+        return _jsonl_rows(path, name, columns, check)
+    try:
         with _open_text(path) as fh:
-            for i, line in enumerate(fh, 1):
-                if i > CHECK_LINES:
-                    break
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    return [f"{name}={path}: line {i} is not valid JSON ({err.msg}, column {err.colno})"]
-                if not isinstance(row, dict):
-                    return [f"{name}={path}: line {i} is a {type(row).__name__}, not a JSON object"]
-                missing = [f"{c!r} ({k})" for c, k in columns.items() if c not in row]
-                if missing:
-                    return [f"{name}={path}: line {i} has no column {', '.join(missing)}; it has {sorted(row)}"]
-    elif local_suffix(path) == ".csv":
-        with _open_text(path, newline="") as fh:
-            header = next(csv.reader(fh), None)
+            rows = json.load(fh)
+    except json.JSONDecodeError as err:
+        return 0, f"{name}={path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})"
+    for i, row in enumerate(rows, 1):
+        problem = _row_problem(row, columns, check)
+        if problem:
+            return i - 1, f"{name}={path}: row {i} {problem}"
+    return len(rows), None
+
+
+def _csv_rows(path: Path, name: str, columns: Mapping[str, str], check: RowCheck | None) -> tuple[int, str | None]:
+    """(rows, first problem) of a CSV file: its header has the columns, every row a value for each of them."""
+    with _open_text(path, newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
         if not header:
-            return [f"{name}={path}: empty CSV file (no header row)"]
+            return 0, f"{name}={path}: empty CSV file (no header row)"
         missing = [f"{c!r} ({k})" for c, k in columns.items() if c not in header]
         if missing:
-            return [f"{name}={path}: CSV header has no column {', '.join(missing)}; columns: {header}"]
+            return 0, f"{name}={path}: CSV header has no column {', '.join(missing)}; columns: {header}"
+        n = 0
+        for values in reader:
+            if not values:
+                continue
+            if len(values) != len(header):
+                return n, (f"{name}={path}: line {reader.line_num} has {len(values)} fields, the header {len(header)}")
+            problem = check(dict(zip(header, values, strict=True))) if check is not None else None
+            if problem:
+                return n, f"{name}={path}: line {reader.line_num} {problem}"
+            n += 1
+    return n, None
+
+
+def _parquet_rows(path: Path, name: str, columns: Mapping[str, str], check: RowCheck | None) -> tuple[int, str | None]:
+    """(rows, first problem) of a Parquet file: the schema has the columns (read from its footer); `check` runs on
+    the checked columns only."""
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.ParquetFile(path)
+    except Exception as err:  # noqa: BLE001 - not a Parquet file: one line naming it
+        return 0, f"{name}={path}: cannot be read as Parquet ({type(err).__name__}: {str(err)[:200]})"
+    names = meta.schema_arrow.names
+    missing = [f"{c!r} ({k})" for c, k in columns.items() if c not in names]
+    if missing:
+        return 0, f"{name}={path}: Parquet file has no column {', '.join(missing)}; columns: {names}"
+    if check is not None and meta.metadata.num_rows:
+        for i, row in enumerate(meta.read(columns=list(columns)).to_pylist(), 1):
+            problem = check(row)
+            if problem:
+                return i - 1, f"{name}={path}: row {i} {problem}"
+    return meta.metadata.num_rows, None
+
+
+_READERS = {".jsonl": _jsonl_rows, ".json": _json_rows, ".csv": _csv_rows, ".parquet": _parquet_rows}
+
+
+def check_file_content(
+    path: Path, name: str, columns: Mapping[str, str], check: RowCheck | None = None
+) -> tuple[int, list[str]]:
+    """(rows, problems) of one local data file, read in full in one streaming pass: one line naming the file and
+    its first problem (invalid JSON, a row without a required column, `check`'s problem with a row), or that it
+    holds no rows."""
+    rows, problem = _READERS[local_suffix(path)](path, name, columns, check)
+    if problem:
+        return rows, [problem]
+    if rows == 0:
+        return 0, [f"{name}={path}: no data rows (an empty file); a row needs the columns {list(columns)}"]
+    return rows, []
+
+
+def holdout_problems(cfg: Mapping[str, Any], rows: int) -> list[str]:
+    """`task.val_fraction` in (0, 1), and (local rows known) a hold-out that leaves both splits non-empty, as
+    `datasets.train_test_split` requires: ceil(f·n) validation rows, the rest training rows."""
+    if cfg.get("dataset") and cfg.get("val_split"):
+        return []
+    frac = cfg.get("val_fraction", 0.1)
+    if not (isinstance(frac, (int, float)) and not isinstance(frac, bool) and 0 < frac < 1):
+        return [f"task.val_fraction must be a number in (0, 1) (the held-out share of the rows), got {frac!r}"]
+    if cfg.get("max_samples"):
+        rows = min(rows, int(cfg["max_samples"]))
+    n_val = math.ceil(frac * rows)
+    if rows and (n_val < 1 or rows - n_val < 1):
+        return [
+            f"task.val_fraction={frac} of {rows} data rows leaves {rows - n_val} for training and {n_val} for "
+            "validation; give at least 2 rows (both splits need one)"
+        ]
     return []
 
 
-def check_data_source(cfg: Mapping[str, Any], keys: Mapping[str, str | None] | None = None) -> list[str]:
+def check_data_source(
+    cfg: Mapping[str, Any], keys: Mapping[str, str | None] | None = None, check: RowCheck | None = None
+) -> list[str]:
     """A task needs `task.data_files` (local) or `task.dataset` (hub name); local files must exist, have a known
-    suffix and (JSONL/CSV) parse with the columns `keys` names ({task key: default column}; None: optional)."""
+    suffix and parse in full with the columns `keys` names ({task key: default column}; None: optional), every row
+    passing `check`. A hub dataset cannot be read offline: it is checked when it loads."""
     files, dataset = cfg.get("data_files"), cfg.get("dataset")
     if not files and not dataset:
         return ["task.data_files (a local JSONL/CSV path) or task.dataset (a hub dataset name) is required"]
-    columns = _columns(cfg, keys or {})
     problems = []
+    if cfg.get("max_samples") is not None:
+        problems += pos_int(cfg["max_samples"], "task.max_samples")
+    columns = _columns(cfg, keys or {})
+    rows = 0
     for f in [files] if isinstance(files, str) else list(files or []):
         path = Path(f).expanduser()
         if not path.is_file():
@@ -84,7 +194,10 @@ def check_data_source(cfg: Mapping[str, Any], keys: Mapping[str, str | None] | N
             allowed = sorted(LOCAL_FORMATS) + [f"{s}.gz" for s in sorted(LOCAL_FORMATS) if s != ".parquet"]
             problems.append(f"task.data_files={f}: suffix {''.join(path.suffixes)!r} unknown; allowed: {allowed}")
         else:
-            problems += check_file_content(path, "task.data_files", columns)
+            n, found = check_file_content(path, "task.data_files", columns, check)
+            rows, problems = rows + n, problems + found
+    if not problems:
+        problems += holdout_problems(cfg, rows if files else 0)
     return problems
 
 
