@@ -141,10 +141,10 @@ def checkpoint_identity(ckpt_path: str | Path) -> dict[str, Any] | None:
 
 def identity_changes(stored: Mapping[str, Any], current: Mapping[str, Any], allow: Sequence[str] = ()) -> list[str]:
     """`key: old -> new` for every identity key that differs between a checkpoint and this run (allowed keys and
-    the keys below them skipped)."""
+    the keys below them skipped; so are secret-looking keys, which an older checkpoint may hold: never shown)."""
     changes = []
     for key in sorted(set(stored) | set(current)):
-        if _excluded(key, list(allow)):
+        if _excluded(key, list(allow)) or is_secret_path(key):
             continue
         old, new = stored.get(key, "<absent>"), current.get(key, "<absent>")
         if old != new:

@@ -68,6 +68,7 @@ def literal_secrets(obj: Any) -> Iterator[str]:
 
 
 def _leaves(obj: Any) -> Iterator[Any]:
+    """Every non-null scalar of a plain container (what a secret key holds may be a nested block)."""
     if isinstance(obj, Mapping):
         for value in obj.values():
             yield from _leaves(value)

@@ -52,10 +52,25 @@ def test_wandb_names_are_distinct_per_identity_and_stable() -> None:
     assert s1["group"] == a["group"] and s1["id"] != a["id"]  # seeds: one group, their own runs
 
 
+def test_a_credential_is_not_part_of_the_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secret-looking key does not change the result: same hash and directory with or without it, and neither the
+    identity keys, its overrides nor the W&B tags hold the secret (a secret value in an ordinary key: redacted)."""
+    monkeypatch.setenv("HF_TOKEN", "hf_envSECRET_0123456789")
+    literal = "hf_litSECRET_9876543210"
+    given = ["debug=fast", "adapter.r=4", f"+model.hf_token={literal}", "+task.note=hf_envSECRET_0123456789"]
+    identity = run_identity(compose_config(given, run_dir="/x"))
+    assert identity["hash"] == run_identity(compose_config([*given[:2], given[3]], run_dir="/x"))["hash"]
+    assert "model.hf_token" not in identity["keys"] and identity["keys"]["task.note"] == "<redacted>"
+    assert identity["overrides"] == ["debug=fast", "adapter.r=4", "+task.note=<redacted>"]
+    tags = run_names(compose_config([*given, f"wandb.tags=[{literal}]"], run_dir="/x"))["tags"]
+    assert "<redacted>" in tags and not [t for t in tags if "SECRET" in t], tags
+
+
 def test_identity_changes_names_keys() -> None:
     old, new = {"adapter.r": 4, "optim.lr": 1e-3}, {"adapter.r": 16, "optim.lr": 1e-3, "adapter.k": 2}
     assert identity_changes(old, new) == ["adapter.k: '<absent>' -> 2", "adapter.r: 4 -> 16"]
     assert identity_changes(old, new, ["adapter"]) == []
+    assert identity_changes({**old, "model.hf_token": "hf_old_0123456789"}, old) == []  # an older checkpoint's
 
 
 def test_resume_refuses_a_changed_identity_and_allows_listed_changes(tmp_path: Path) -> None:

@@ -80,6 +80,12 @@ def _check_entries(model: nn.Module, entries: list[str]) -> None:
         if any(_matches(n, [entry]) for n in linear):
             continue
         hits = [(n, type(m).__name__) for n, m in model.named_modules() if n and _matches(n, [entry])]
+        convs = [n for n, m in model.named_modules() if _is_conv1d(m) and _matches(n, [entry])]
+        if convs:
+            raise ValueError(
+                f"adapter.target_modules entry {entry!r} matches transformers Conv1D layers {convs[:4]} (GPT-2 "
+                "style); only torch.nn.Linear is supported"
+            )
         if hits:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linear})
             shown = ", ".join(f"{n} ({t})" for n, t in hits[:3]) + (f", +{len(hits) - 3} more" if len(hits) > 3 else "")
