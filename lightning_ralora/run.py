@@ -54,7 +54,8 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
 
 def run_names(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """W&B naming from the run identity: group = `<experiment>/<label>` (the seeds of one config), name =
-    `<label>-seed<N>`, id stable per (identity, seed) so a resumed run continues its W&B run; tags: seed, variant,
+    `<label>-seed<N>`, id stable per (identity, seed) so a resumed run continues its W&B run (a run started over in
+    its dir, `fresh_starts` in the identity, gets a new one: `<id>-r<N>`); tags: seed, variant,
     model, task, experiment, `id:<hash>` and the identity overrides (secrets redacted, then cut to 64 characters)."""
     from .identity import wandb_id
     from .secrets import config_secrets
@@ -65,7 +66,8 @@ def run_names(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> dic
     tags = [f"seed:{cfg.seed}", cfg.adapter.name, cfg.model.name, cfg.task.name, f"id:{identity['hash']}"]
     tags += [str(cfg.get("experiment_name", "default")), *map(str, cfg.wandb.get("tags") or [])]
     tags += identity.get("overrides", [])
-    names = {"group": group, "name": f"{label}-seed{cfg.seed}", "id": wandb_id(group, cfg.seed), "job_type": "train"}
+    run_id = wandb_id(group, cfg.seed) + (f"-r{identity['fresh_starts']}" if identity.get("fresh_starts") else "")
+    names = {"group": group, "name": f"{label}-seed{cfg.seed}", "id": run_id, "job_type": "train"}
     names = redact({**names, "tags": tags}, extra=config_secrets(cfg))
     return {**names, "tags": list(dict.fromkeys(t[:64] for t in names["tags"]))}
 

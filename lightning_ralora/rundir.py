@@ -335,6 +335,12 @@ def archive_earlier_run(run_dir: str | Path) -> Path | None:
     return dest
 
 
+def fresh_starts(run_dir: str | Path) -> int:
+    """How many times this run dir was started over (the earlier attempts' folders in attempts/): a new W&B run each."""
+    folder = Path(run_dir) / ATTEMPTS
+    return sum(1 for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else 0
+
+
 def plan_start(cfg: Mapping[str, Any], run_dir: str | Path, requeued: str | None = None) -> Start:
     """Decide, before any compute, where this run starts (rank 0 holds the lock; other ranks read the same files).
 

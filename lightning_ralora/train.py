@@ -49,7 +49,7 @@ from .run import (
     variant_callbacks,
     wandb_mode,
 )
-from .rundir import claim, is_rank_zero, remove_stale_temporaries, write_record
+from .rundir import claim, fresh_starts, is_rank_zero, remove_stale_temporaries, write_record
 
 __all__ = [
     "CONF_DIR",
@@ -93,6 +93,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 write_record(run_dir, {"status": "skipped", "error": "completed earlier; kept (ckpt_path=auto)"})
             return start.skip
         identity = check_resume_identity(cfg, start.ckpt)  # a changed identity key fails here, before any compute
+        identity["fresh_starts"] = fresh_starts(run_dir)  # a run started over in its dir is a new W&B run
         if is_rank_zero():
             remove_stale_temporaries(run_dir)
         return _fit_and_record(cfg, run_dir, start.ckpt, identity, eval_jobs, read_plan)

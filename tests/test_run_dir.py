@@ -191,7 +191,9 @@ def test_two_concurrent_runs_into_one_dir_one_is_refused_and_metrics_are_not_dup
     header, body = rows[0], rows[1:]
     keyed = [(r[header.index("step")], r[header.index("train/loss")]) for r in body if r[header.index("train/loss")]]
     assert len(keyed) == len(set(keyed)) > 0  # every logged training step once
-    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+    rerun = json.loads((run / "results.json").read_text())
+    assert rerun["status"] == "completed"
+    assert rerun["wandb"]["id"] == earlier["wandb"]["id"] + "-r1"  # a new W&B run, not appended to the old one
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -243,7 +245,9 @@ def test_fresh_moves_the_earlier_run_aside_and_last_is_this_runs_newest(complete
     assert len(moved) == 1 and json.loads((moved[0] / "results.json").read_text()) == earlier
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no stale last.ckpt, no -v1
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 12
-    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+    rerun = json.loads((run / "results.json").read_text())
+    assert rerun["status"] == "completed"
+    assert rerun["wandb"]["id"] == earlier["wandb"]["id"] + "-r1"  # a new W&B run, not appended to the old one
 
 
 # --------------------------------------------------------------------------------------------------------------
