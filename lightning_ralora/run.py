@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from .catalog import register_experiments
 from .config import ConfigError
-from .secrets import redact
+from .secrets import HYDRA_FILES, config_secrets, redact, redact_yaml_file
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 register_experiments()
@@ -381,6 +381,21 @@ def failure_record(cfg: DictConfig, err: BaseException) -> dict[str, Any]:
         except OSError as io_err:  # a full disk: the earlier files stay intact, the error is what counts
             print(f"could not record the {record['status']} run in {run_dir}: {io_err}", file=sys.stderr, flush=True)
     return record
+
+
+class RedactHydraFiles(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): Hydra writes `<run_dir>/.hydra/{config,hydra,overrides}.yaml` (and
+    a sweep's `multirun.yaml`) before the job starts, secrets included; at job start, before the task runs, they
+    are rewritten redacted."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hc = config.hydra
+        found = config_secrets(config)
+        if hc.output_subdir is not None:
+            for name in HYDRA_FILES:
+                redact_yaml_file(Path(str(hc.runtime.output_dir)) / str(hc.output_subdir) / name, found)
+        if str(hc.mode) == "RunMode.MULTIRUN":
+            redact_yaml_file(Path(str(hc.sweep.dir)) / "multirun.yaml", found)
 
 
 class SweepSummary(HydraCallback):

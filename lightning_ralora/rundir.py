@@ -40,7 +40,9 @@ CHECKPOINTS = "checkpoints"
 HEARTBEAT_S = 30.0  # the lock holder touches the lock this often
 STALE_AFTER_S = 300.0  # a lock from another host untouched this long belongs to a dead run
 SWEEP_ID_ENV = "LIGHTNING_RALORA_SWEEP_ID"  # set by the sweep summary callback; records carry it (run.SweepSummary)
-KEEP_ON_FRESH = {LOCK_NAME, ATTEMPTS, ".hydra"}  # what `fresh=true` leaves in place (Hydra's files are this run's)
+# what a run writes in its dir (moved aside by a fresh start; anything else, e.g. a user's data file, stays)
+RUN_OUTPUTS = {RESULTS, "eval.json", "eval", CHECKPOINTS, "csv", "wandb", "export", "requeue.json", "load_bytes.json"}
+RUN_OUTPUT_PREFIXES = ("gid",)  # gid.json, gid.png, gid_energy.png, gid_profile.*, gid_over_training.*
 
 
 def _now() -> str:
@@ -322,10 +324,11 @@ def earlier_run(run_dir: str | Path) -> str | None:
 
 
 def archive_earlier_run(run_dir: str | Path) -> Path | None:
-    """`fresh=true`: move everything an earlier run wrote (records, checkpoints, logs, eval outputs) into
-    attempts/<time>/, so the new run starts in a clean directory and nothing is lost."""
+    """A fresh start: move what an earlier run wrote (RUN_OUTPUTS: records, checkpoints, metrics, W&B files, eval
+    outputs) into attempts/<time>/, so the new run starts clean (no stale last.ckpt, no doubled metrics) and nothing
+    is lost. Hydra's files, logs and anything else in the directory stay."""
     run_dir = Path(run_dir)
-    items = [p for p in run_dir.iterdir() if p.name not in KEEP_ON_FRESH and not p.name.endswith(".log")]
+    items = [p for p in run_dir.iterdir() if p.name in RUN_OUTPUTS or p.name.startswith(RUN_OUTPUT_PREFIXES)]
     if not items:
         return None
     dest = run_dir / ATTEMPTS / _now()

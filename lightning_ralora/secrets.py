@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig, OmegaConf
 
 REDACTED = "<redacted>"
@@ -180,18 +179,3 @@ def redact_yaml_file(path: str | Path, extra: Iterable[Any] = ()) -> bool:
     text = OmegaConf.to_yaml(OmegaConf.create(clean))
     atomic_write(path, lambda f: f.write(text.encode()))
     return True
-
-
-class RedactHydraFiles(HydraCallback):
-    """Hydra callback (conf/hydra/default.yaml): Hydra writes `<run_dir>/.hydra/{config,hydra,overrides}.yaml` (and
-    a sweep's `multirun.yaml`) before the job starts, secrets included; at job start, before the task runs, they
-    are rewritten redacted."""
-
-    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
-        hydra = config.hydra
-        found = config_secrets(config)
-        if hydra.output_subdir is not None:
-            for name in HYDRA_FILES:
-                redact_yaml_file(Path(str(hydra.runtime.output_dir)) / str(hydra.output_subdir) / name, found)
-        if str(hydra.mode) == "RunMode.MULTIRUN":
-            redact_yaml_file(Path(str(hydra.sweep.dir)) / "multirun.yaml", found)

@@ -251,8 +251,6 @@ def _peak_memory_gib(run: Run) -> float | None:
     return None
 
 
-
-
 def extract_overhead(run: Run) -> dict[str, float]:
     """Per training set (`<dataset>_` prefix): seconds per optimizer step (fit_time_s / global_step), the fit's hours
     (`time_h`) and peak memory (GiB, from a MEMORY_KEYS value; `memory_gb` is the same figure in the paper's column)."""

@@ -191,9 +191,7 @@ def test_two_concurrent_runs_into_one_dir_one_is_refused_and_metrics_are_not_dup
     header, body = rows[0], rows[1:]
     keyed = [(r[header.index("step")], r[header.index("train/loss")]) for r in body if r[header.index("train/loss")]]
     assert len(keyed) == len(set(keyed)) > 0  # every logged training step once
-    rerun = json.loads((run / "results.json").read_text())
-    assert rerun["status"] == "completed"
-    assert rerun["wandb"]["id"] == earlier["wandb"]["id"] + "-r1"  # a new W&B run, not appended to the old one
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
 
 
 # --------------------------------------------------------------------------------------------------------------
