@@ -627,3 +627,62 @@ def test_consolidate_refuses_a_path_that_is_no_sharded_checkpoint(tmp_path: Path
     }[kind]
     assert lines[0].startswith(f"lightning-ralora-consolidate: {expected}"), lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["task.max_length=0"], "task.max_length must be a positive integer, got 0"),
+        (
+            ["task.val_fraction=0"],
+            "task.val_fraction must be a number in (0, 1) (the held-out share of the rows), got 0",
+        ),
+        (["eval=gsm8k", "eval.num_beams=0"], "eval.num_beams must be a positive integer or null"),
+        (["eval=gsm8k", "eval.temperature=-1"], "eval.temperature must be a number >= 0 or null"),
+        (["eval=gsm8k", "eval.batch_size=0"], "eval.batch_size must be a positive integer or null (8 per call), got 0"),
+        (
+            ["eval=glue"],
+            "eval=glue scores a classifier's logits; this run's model.family=causal_lm, allowed: ['seq_classification'",
+        ),
+    ],
+    ids=["max_length", "val_fraction", "num_beams", "temperature", "eval_batch_size", "glue_on_causal_lm"],
+)
+def test_training_task_and_eval_keys_are_one_line(tmp_path: Path, overrides: list[str], expected: str) -> None:
+    """Checked by `train` before any weights load: the task by validate_config, the eval suites by
+    prepare_training_eval (both raise ConfigError)."""
+    from lightning_ralora.evaluation.runner import prepare_training_eval
+
+    gsm8k = tmp_path / "gsm8k.jsonl"
+    gsm8k.write_text(json.dumps({"question": "1+1?", "answer": "#### 2"}) + "\n")
+    cfg = make_cfg(tmp_path, ["task=sft", f"task.data_files={_write_sft(tmp_path)}", *overrides])
+    if any(o.startswith("eval=") for o in overrides):
+        cfg.eval.data_files = str(gsm8k)
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, check_model=False)
+        prepare_training_eval(cfg)
+    assert len(err.value.problems) == 1 and expected in err.value.problems[0], err.value.problems
+
+
+@pytest.mark.parametrize(
+    ("suite", "name", "content", "expected"),
+    [
+        ("glue", "mrpc.jsonl", "", "no data rows (an empty file)"),
+        ("glue", "mrpc.csv", "sentence1,sentence2,label\n", "no data rows (an empty file)"),
+        ("commonsense", "boolq.json", "[]", "no data rows for commonsense subset boolq (empty)"),
+    ],
+    ids=["glue_jsonl", "glue_csv_header_only", "commonsense_subset"],
+)
+def test_empty_eval_data_of_every_suite_kind_is_refused_before_a_model(
+    tmp_path: Path, suite: str, name: str, content: str, expected: str
+) -> None:
+    from lightning_ralora.evaluation.base import EvalDataError
+    from lightning_ralora.evaluation.runner import prepare
+
+    path = tmp_path / name
+    path.write_text(content)
+    cfg = {"suites": [suite], "data_files": {"boolq": str(path)} if suite == "commonsense" else str(path)}
+    if suite == "commonsense":
+        cfg["subsets"] = ["boolq"]
+    with pytest.raises(EvalDataError) as err:
+        prepare(cfg, None, None)
+    assert str(err.value) == f"eval.data_files={path}: {expected}"

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from ..adapters.schema import pos_int, raise_problems
 from ..cluster import Interrupted, stop_agreed
 from ..io import write_json_atomic
 from ..plan import AdapterPlan
@@ -77,8 +78,7 @@ class GIDWarmup(L.Callback):
 
     def __init__(self, batches: int = 8) -> None:
         super().__init__()
-        if isinstance(batches, bool) or not isinstance(batches, int) or batches < 1:
-            raise ValueError(f"GIDWarmup batches (adapter.gid_batches) must be an integer >= 1, got {batches!r}")
+        raise_problems(pos_int(batches, "adapter.gid_batches"), "GIDWarmup: ")  # the schema's rule and sentence
         self.batches = batches
         self.seconds: float | None = None
         self._stats: dict[str, Any] | None = None

@@ -11,6 +11,7 @@ Per task (all metrics as fractions in [0, 1]; a GLUE table shows them x100):
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -138,18 +139,32 @@ def _local_files(eval_cfg: Mapping[str, Any]) -> list[Any]:
     return list(files.values()) if isinstance(files, Mapping) else [files]
 
 
+def _peek_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a local GLUE file read without `datasets` (no progress bars, no cache): JSON/JSONL as the suites
+    read them, CSV/TSV by the csv module; a Parquet file as one row of its footer's column names (none if empty)."""
+    path = Path(path).expanduser()
+    if path.suffix in (".jsonl", ".json"):
+        return read_rows(path)
+    if not path.is_file():
+        raise EvalDataError(f"eval.data_files={path}: file not found")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(path)
+        return [dict.fromkeys(meta.schema_arrow.names)] if meta.metadata.num_rows else []  # its columns, if any row
+    if path.suffix not in (".csv", ".tsv"):
+        raise EvalDataError(f"eval.data_files={path}: suffix {path.suffix!r} unknown; allowed: .jsonl .json .csv .tsv")
+    with path.open(encoding="utf-8", errors="replace", newline="") as fh:
+        return list(csv.DictReader(fh, delimiter="\t" if path.suffix == ".tsv" else ","))
+
+
 def check_glue_data(eval_cfg: Mapping[str, Any]) -> None:
     """Before any model loads: every local GLUE file exists, parses and holds rows (with `eval.glue_task`'s columns
     when it is set; the run's task.glue_task is checked when the suite runs)."""
     task = glue_task_name(eval_cfg["glue_task"]) if eval_cfg.get("glue_task") else None
     need = [k for k in (GLUE_TASKS[task].text_key, GLUE_TASKS[task].text_pair_key, "label") if k] if task else []
     for path in _local_files(eval_cfg):
-        try:
-            rows = _local_rows(path)
-        except EvalDataError:
-            raise
-        except Exception as err:  # noqa: BLE001 - a CSV the loader cannot parse: one line naming it
-            raise EvalDataError(f"eval.data_files={path}: cannot be read ({type(err).__name__})") from None
+        rows = _peek_rows(path)
         if not rows:
             raise EvalDataError(f"eval.data_files={path}: no data rows (an empty file)")
         for i, row in enumerate(rows, start=1):

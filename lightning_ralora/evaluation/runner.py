@@ -136,13 +136,28 @@ def build_suite(cls: type[GenerationSuite], cfg: Mapping[str, Any], tokenizer: A
 
 
 def check_eval_values(cfg: Mapping[str, Any]) -> None:
-    """The `eval` keys every suite reads: batch_size, max_samples and max_new_tokens positive integers or null."""
-    from ..adapters.schema import is_pos_int
+    """The `eval` keys the suites read, when set: batch_size, max_samples, max_new_tokens, num_beams and samples
+    positive integers, temperature a number >= 0, top_p in (0, 1] (null: the suite's protocol)."""
+    from ..adapters.schema import is_number, is_pos_int
 
-    nulls = {"batch_size": "8 per call", "max_samples": "every example", "max_new_tokens": "the suite's own"}
-    for key, means in nulls.items():
+    counts = {
+        "batch_size": "8 per call",
+        "max_samples": "every example",
+        "max_new_tokens": "the suite's own",
+        "num_beams": "the suite's protocol",
+        "samples": "1, greedy",
+    }
+    for key, means in counts.items():
         if cfg.get(key) is not None and not is_pos_int(cfg[key]):
             raise EvalConfigError(f"eval.{key} must be a positive integer or null ({means}), got {cfg[key]!r}")
+    t, p = cfg.get("temperature"), cfg.get("top_p")
+    if t is not None and not (is_number(t) and t >= 0):
+        raise EvalConfigError(f"eval.temperature must be a number >= 0 or null (the suite's default), got {t!r}")
+    if p is not None and not (is_number(p) and 0 < p <= 1):
+        raise EvalConfigError(f"eval.top_p must be a number in (0, 1] or null (the suite's default), got {p!r}")
+
+
+CLASSIFICATION_FAMILIES = {"glue": ("seq_classification",), "image": ("image_classification", "clip_vision")}
 
 
 def check_run_tokenizer(names: Sequence[str], backend: str, run_task: str | None) -> None:
@@ -195,6 +210,11 @@ def prepare(
             )
         if n in SUITES and family not in (None, "causal_lm"):
             raise EvalConfigError(f"eval={n} generates text and needs a causal LM; this run's model.family={family}")
+        fits = CLASSIFICATION_FAMILIES.get(n)
+        if fits and family is not None and family not in fits:
+            raise EvalConfigError(
+                f"eval={n} scores a classifier's logits; this run's model.family={family}, allowed: {list(fits)}"
+            )
     jobs = []
     for n in names:
         if n in CLASSIFICATION_SUITES:

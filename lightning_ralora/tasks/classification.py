@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..adapters.schema import is_int
+from ..adapters.schema import is_int, pos_int
 from ..data.datamodule import ListDataModule
 from ..data.tokenizer import load_tokenizer
 from .base import Task
@@ -160,7 +160,7 @@ class ClassificationTask(Task):
                 return [f"task.glue_task={cfg['glue_task']!r} is unknown; allowed: {sorted(GLUE_TASKS)}"]
         cfg = resolve_glue(cfg)
         keys = {"text_key": "text", "label_key": "label", "text_pair_key": None}
-        problems += super().validate(cfg, model_cfg)
+        problems += super().validate(cfg, model_cfg) + pos_int(cfg.get("max_length"), "task.max_length")
         if not (is_int(cfg.get("num_labels")) and cfg["num_labels"] >= 1):
             problems.append(f"task.num_labels must be an integer >= 1 (1: regression), got {cfg.get('num_labels')!r}")
             return problems + check_data_source(cfg, keys)

@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from ..adapters.schema import pos_int
 from ..data.datamodule import ListDataModule
 from ..data.tokenizer import encode_prompt, load_tokenizer, special_affixes
 from ..templates import TEMPLATES, render_prompt
@@ -70,7 +71,8 @@ class SFTTask(Task):
     @classmethod
     def validate(cls, cfg: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> list[str]:
         keys = {"prompt_key": "prompt", "response_key": "response"}
-        problems = super().validate(cfg, model_cfg) + check_data_source(cfg, keys)
+        problems = super().validate(cfg, model_cfg) + pos_int(cfg.get("max_length"), "task.max_length")
+        problems += check_data_source(cfg, keys)
         if not isinstance(cfg.get("add_special_tokens", True), bool):
             problems.append(
                 f"task.add_special_tokens={cfg.get('add_special_tokens')!r} must be true (the tokenizer's BOS "
