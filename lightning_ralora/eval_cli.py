@@ -16,6 +16,7 @@ FastChat's {"question_id", "choices": [{"turns": [...]}]} for MT-Bench), matched
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -24,7 +25,10 @@ from typing import Any, NoReturn
 
 from omegaconf import DictConfig, OmegaConf
 
+from .cluster import Interrupted, install_stop_handlers
+from .config import ConfigError
 from .run import CONF_DIR, compose_config, trainer_kwargs
+from .rundir import claim
 
 PROG = "lightning-ralora-eval"
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_nodes")
@@ -63,14 +67,23 @@ def compose_eval_config(argv: Sequence[str]) -> DictConfig:
 
 
 def find_model(run_dir: Path) -> tuple[Path | None, Path | None]:
-    """(RUN/checkpoints/last.ckpt, RUN/export) where present; EvalInputError when neither is."""
+    """(the run's newest intact checkpoint, RUN/export) where present; EvalInputError when neither is. A truncated
+    checkpoint is never loaded: an older intact one is used, naming the skipped file."""
+    from .rundir import newest_intact_checkpoint
+
     if not run_dir.is_dir():
         raise EvalInputError(f"run_dir={run_dir}: directory not found")
-    ckpt, export = run_dir / "checkpoints" / "last.ckpt", run_dir / "export"
-    ckpt_ok, export_ok = ckpt.is_file(), (export / "config.json").is_file()
-    if not ckpt_ok and not export_ok:
-        raise EvalInputError(f"run_dir={run_dir}: no checkpoint (checkpoints/last.ckpt) and no export/ to evaluate")
-    return (ckpt if ckpt_ok else None), (export if export_ok else None)
+    ckpt, skipped = newest_intact_checkpoint(run_dir)
+    export = run_dir / "export"
+    export_ok = (export / "config.json").is_file()
+    if ckpt is None and not export_ok:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise EvalInputError(
+            f"run_dir={run_dir}: no intact checkpoint (checkpoints/*.ckpt){why} and no export/ to evaluate"
+        )
+    for line in skipped:
+        print(f"eval: skipping {line}", file=sys.stderr, flush=True)
+    return ckpt, (export if export_ok else None)
 
 
 def saved_run_config(run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
@@ -212,9 +225,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         cfg = compose_eval_config(argv)
+        if not cfg.eval.get("completions") and not Path(cfg.run_dir).is_dir():  # scoring a file may make a new one
+            raise EvalInputError(f"run_dir={cfg.run_dir}: directory not found")
     except EvalInputError as err:
         _fail(str(err))
-    evaluate_run(cfg)
+    install_stop_handlers()
+    try:
+        # one writer per run dir: not while its training (or another eval) runs; a new dir (scoring a file) is
+        # created only once the input has been checked
+        with claim(cfg.run_dir) if Path(cfg.run_dir).is_dir() else contextlib.nullcontext():
+            evaluate_run(cfg)
+    except ConfigError as err:
+        _fail(str(err).removeprefix("invalid config: "))
+    except Interrupted as stop:  # a signal: stopped at a generation batch; eval.json untouched
+        print(f"lightning-ralora-eval: stopped by {stop}; eval.json unchanged", file=sys.stderr, flush=True)
+        sys.exit(stop.exit_code)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import torch
 
 from lightning_ralora.config import ConfigError, validate_config
 from tests.conftest import make_cfg, run_cli
@@ -484,10 +485,11 @@ def _eval_cli(*args: str) -> subprocess.CompletedProcess:
 
 def _finished_run(root: Path, task: str = "sft") -> Path:
     """A run dir as training leaves it (results.json with its config, a checkpoint file) and an earlier eval.json;
-    every refusal below happens before the checkpoint is read, so its bytes do not matter."""
+    every refusal below happens before the checkpoint's weights are read, so it only needs to be an intact torch
+    archive (a truncated one is refused as such)."""
     run = root / "run"
     (run / "checkpoints").mkdir(parents=True)
-    (run / "checkpoints" / "last.ckpt").write_bytes(b"not read before the checks")
+    torch.save({"global_step": 12}, run / "checkpoints" / "last.ckpt")
     config = {"model": {"family": "causal_lm", "tokenizer": "bytes"}, "task": {"name": task, "template": "none"}}
     (run / "results.json").write_text(json.dumps({"status": "completed", "config": config}))
     (run / "eval.json").write_text('{"gsm8k": {"accuracy": 0.5, "n": 2}}\n')
@@ -520,7 +522,7 @@ def test_eval_cli_refuses_bad_data_and_keeps_the_earlier_eval_json(tmp_path: Pat
     [
         (["eval.batch_size=0"], "eval.batch_size must be a positive integer or null (8 per call), got 0"),
         (["eval.max_samples=0"], "eval.max_samples must be a positive integer or null (every example), got 0"),
-        (["eval.suites=[gsm8k,bogus]"], "eval suite 'bogus' is unknown; allowed: ['commonsense', 'glue', 'gsm8k'"),
+        (["eval.suites=[gsm8k,bogus]"], "eval.suites: 'bogus' is unknown; allowed: ['commonsense', 'glue', 'gsm8k'"),
     ],
     ids=["batch_size", "max_samples", "unknown_suite"],
 )

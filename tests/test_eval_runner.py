@@ -217,7 +217,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(trained, capsys, 
     }[case]
     expect = {
         "unknown_group": "allowed:", "unknown_suite": "allowed:", "missing_file": "not found",
-        "bad_format": "line 2", "no_checkpoint": "no checkpoint", "code_execution": "allow_code_execution",
+        "bad_format": "line 2", "no_checkpoint": "no intact checkpoint", "code_execution": "allow_code_execution",
         "no_run_dir": "run_dir=RUN",
     }[case]  # fmt: skip
     before = _snapshot(run), _snapshot(empty)

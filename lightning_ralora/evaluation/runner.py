@@ -201,7 +201,7 @@ def prepare(
     allowed = sorted({*SUITES, *CLASSIFICATION_SUITES})
     unknown = [n for n in names if n not in SUITES and n not in CLASSIFICATION_SUITES]
     if unknown:
-        raise EvalConfigError(f"eval suite {', '.join(map(repr, unknown))} is unknown; allowed: {allowed}")
+        raise EvalConfigError(f"eval.suites: {', '.join(map(repr, unknown))} is unknown; allowed: {allowed}")
     for n in names:
         if n in SUITES and getattr(SUITES[n], "needs_code_execution", False) and not cfg.get("allow_code_execution"):
             raise EvalConfigError(
