@@ -169,3 +169,17 @@ def test_sigterm_in_a_sweep_records_the_job_prints_the_summary_and_starts_no_lat
     done = results(dirs["seed1"])
     assert done["adapter_state_digest_per_rank"] == results(tmp_path / "reference")["adapter_state_digest_per_rank"]
     assert results(next(sweep.rglob("seed2")))["status"] == "completed"
+
+
+@pytest.mark.parametrize(("sig", "status"), [("SIGINT", "interrupted"), ("SIGUSR1", "interrupted")])
+def test_sigint_and_sigusr1_outside_slurm_record_the_run_and_exit_128_plus_the_signal(
+    tmp_path: Path, sig: str, status: str
+) -> None:
+    """Ctrl+C used to exit 1 with no record; SIGUSR1 outside SLURM (no requeue command) is a plain stop."""
+    run, once = tmp_path / "run", tmp_path / "fired"
+    out = cli(f"hydra.run.dir={run}", "debug=fast", "wandb.mode=disabled", *signal_at("fit", 3, once),
+              f"+callbacks.stop.sig={sig}")  # fmt: skip
+    assert out.returncode == 128 + getattr(signal, sig), out.stderr[-3000:]
+    record = results(run)
+    assert (record["status"], record["signal"], record["global_step"]) == (status, sig, 3)
+    assert record["resume"] == "the same command with ckpt_path=last" and "Traceback" not in out.stderr
