@@ -83,6 +83,26 @@ def test_a_completed_record_is_never_replaced_by_a_failed_or_interrupted_attempt
     assert not list(tmp_path.rglob(".*.tmp"))
 
 
+def test_a_sweep_summary_lists_its_own_jobs_only(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Two sweeps write into one multirun dir at the same time: each summary counts the jobs carrying its id, with
+    each job's latest record (a job re-run by this sweep after another sweep's completed record: its own attempt)."""
+    from lightning_ralora.run import print_sweep_summary
+    from lightning_ralora.rundir import SWEEP_ID_ENV, records_of_sweep
+
+    for sweep, jobs in (("A", {"j1": "completed", "j2": "failed"}), ("B", {"j3": "completed", "j1": "failed"})):
+        monkeypatch.setenv(SWEEP_ID_ENV, sweep)
+        for job, status in jobs.items():
+            write_record(tmp_path / job, {"status": status, "error": "boom" if status == "failed" else None})
+    mine = records_of_sweep(tmp_path, "A")
+    assert {p.name: r["status"] for p, r in mine.items()} == {"j1": "completed", "j2": "failed"}
+    theirs = records_of_sweep(tmp_path, "B")
+    assert {p.name: r["status"] for p, r in theirs.items()} == {"j3": "completed", "j1": "failed"}
+    monkeypatch.setenv(SWEEP_ID_ENV, "A")
+    assert print_sweep_summary(tmp_path) == 1
+    err = capsys.readouterr().err
+    assert f"sweep {tmp_path}: 1 completed, 1 not" in err and "j3" not in err
+
+
 # --------------------------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------------------------

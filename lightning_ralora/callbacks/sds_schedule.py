@@ -30,7 +30,7 @@ import lightning as L
 import torch
 
 from lightning_ralora.adapters import SDSLoRALinear, adapter_layers
-from lightning_ralora.adapters.sds import refresh_due
+from lightning_ralora.adapters.sds import refresh_due, schedule_problems
 
 from ._logging import log_event
 
@@ -39,11 +39,7 @@ class SDSSchedule(L.Callback):
     """Switch SDS layers out of LoRA warm-up after `warmup_steps` optimizer steps, then QR-refresh them on schedule."""
 
     def __init__(self, warmup_steps: int = 10, K: int = 5) -> None:
-        problems = []
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            problems.append(f"adapter.warmup_steps must be a non-negative integer, got {warmup_steps!r}")
-        if isinstance(K, bool) or not isinstance(K, int) or K <= 0:
-            problems.append(f"adapter.K must be a positive integer, got {K!r}")
+        problems = schedule_problems(warmup_steps, K)  # the adapter schema's own rules
         if problems:
             raise ValueError("SDSSchedule: " + "; ".join(problems))
         self.warmup_steps = warmup_steps
