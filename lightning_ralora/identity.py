@@ -30,6 +30,7 @@ NON_IDENTITY: tuple[str, ...] = (
     "run_dir",
     "overrides",
     "ckpt_path",
+    "fresh",
     "resume",
     "hydra",
     "wandb",
@@ -53,6 +54,7 @@ NON_IDENTITY: tuple[str, ...] = (
     "eval.judge",
     "eval.batch_size",
     "eval.allow_code_execution",
+    "eval.sandbox",
     "eval.num_workers",
 )
 

@@ -322,7 +322,7 @@ def test_humaneval_run_greedy_and_sampled() -> None:
     examples = suite.examples(rows, None)
     assert examples[0].prompt == examples[1].prompt  # same prompt: the fake returns the same text for both
     records = suite.run(fake_generate({PROMPT: "    return sum(xs)\n"}), examples)
-    assert suite.aggregate(records) == {"pass@1": 1.0, "accuracy": 1.0, "n": 2}
+    assert suite.aggregate(records) == {"pass@1": 1.0, "accuracy": 1.0, "n": 2, "sandbox": "bwrap"}
 
     sampled = HumanEvalSuite(samples=4, k=(1, 2, 10), workers=2)
     texts = ["    return sum(xs)\n", "    return 0\n", "    return len(xs)\n", "    return sum(xs)\n"]

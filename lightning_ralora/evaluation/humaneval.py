@@ -29,7 +29,11 @@ Program assembly:
   that does not start with a space or tab (`remove_last_block`); the program is prompt.rstrip() + generation.
   Defaults are the paper's run: n = 50 samples at temperature 0.2, top_p 0.95, pass@{1, 5, 10}, a 20 s timeout
   (humanevalplus.py's), and 1024 new tokens (the reference caps prompt + generation at 2048 tokens).
-The program run is program + "\\n" + test + f"\\ncheck({entry_point})\\n" in the sandbox (`sandbox.execute_program`).
+The program run is program + "\\n" + test + f"\\ncheck({entry_point})\\n" in the sandbox (`sandbox.execute_programs`),
+whose harness makes the `check(entry_point)` call itself as its last step. `eval.sandbox` picks the sandbox: `bwrap`
+(the default, OS isolation; refused before any model loads where it cannot run) or `guard` (the weaker in-process
+guard, an explicit opt-in); docs/sandbox.md. The mode used is in every record and in the metrics (`"sandbox"`, so in
+eval.json).
 
 HumanEval+ is supported in the `test` field form (the hub's `evalplus/humanevalplus`, whose `test` holds the plus
 tests as a `check(candidate)` function); EvalPlus's raw jsonl with only `base_input`/`plus_input` is not executed here.
@@ -53,7 +57,7 @@ from lightning_ralora.evaluation.base import (
     register_suite,
 )
 from lightning_ralora.evaluation.gsm8k import TEXT_STOP, check_extract
-from lightning_ralora.evaluation.sandbox import execute_programs
+from lightning_ralora.evaluation.sandbox import check_sandbox, execute_programs
 
 CODE_STOP: tuple[str, ...] = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
 INSTRUCTION = "Complete the following Python function:\n"
@@ -306,18 +310,21 @@ class HumanEvalSuite(GenerationSuite):
     Options (constructor): `mode` "completion" | "instruct" | "synthesize"; `extract` (instruct mode) "reference"
     (EvalPlus's sanitize, the default) | "standalone" | "lenient", see the module docstring; `samples` n (1 = greedy
     pass@1); `temperature` and `top_p` for n > 1; `k` the pass@k values to report (those <= n); `timeout_s`,
-    `memory_mb`, `workers` of the sandbox. Left as None, `samples`, `temperature`, `k` and `timeout_s` are 1, 0.8,
-    (1, 10, 100) and 3 s, or synthesize mode's reference values `SYNTHESIZE_DEFAULTS` (50, 0.2, (1, 5, 10), 20 s).
+    `memory_mb`, `workers` and `sandbox` ("bwrap" | "guard") of the sandbox. Left as None, `samples`,
+    `temperature`, `k` and `timeout_s` are 1, 0.8, (1, 10, 100) and 3 s, or synthesize mode's reference values
+    `SYNTHESIZE_DEFAULTS` (50, 0.2, (1, 5, 10), 20 s).
     Executes model-written code: `needs_code_execution = True`, the runner must refuse unless
-    `eval.allow_code_execution` is true.
+    `eval.allow_code_execution` is true; the constructor refuses (ValueError, one line) a `sandbox` that cannot run
+    here, so the refusal comes before any model loads.
 
     Generator contract for `run()`: n == 1 calls `generate(prompts, stop=..., max_new_tokens=...)` (greedy) and
     expects one completion per prompt; n > 1 calls `generate(prompts, stop=..., max_new_tokens=...,
     num_return_sequences=n, do_sample=True, temperature=..., top_p=...)` and expects len(prompts) * n completions,
     prompt-major (the n samples of prompt 0 first). Records hold `completion`/`correct`/`extracted`/`status` of the
-    first sample, and `completions`, `passed` (one bool per sample), `statuses`, `n_samples` and `n_correct`.
-    `aggregate()` gives `pass@1` (mean of per-problem pass_at_k(n, c, 1); the greedy accuracy when n == 1),
-    `pass@k` for each k in `k` with k <= n, `accuracy` (= pass@1) and `n` (problems).
+    first sample, and `completions`, `passed` (one bool per sample), `statuses`, `n_samples`, `n_correct` and
+    `sandbox` (the mode that ran them). `aggregate()` gives `pass@1` (mean of per-problem pass_at_k(n, c, 1); the
+    greedy accuracy when n == 1), `pass@k` for each k in `k` with k <= n, `accuracy` (= pass@1), `n` (problems) and
+    `sandbox`.
     """
 
     name: ClassVar[str] = "humaneval"
@@ -338,6 +345,7 @@ class HumanEvalSuite(GenerationSuite):
         memory_mb: int = 1024,
         workers: int | None = None,
         extract: str = "reference",
+        sandbox: str = "bwrap",
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"eval.mode={mode!r}; allowed: {', '.join(MODES)}")
@@ -357,6 +365,7 @@ class HumanEvalSuite(GenerationSuite):
         self.timeout_s = timeout_s
         self.memory_mb = memory_mb
         self.workers = workers
+        self.sandbox = check_sandbox(sandbox)
         if mode == "instruct":  # the answer is free text around a fenced block: stop at the template's next turn
             self.stop = TEXT_STOP  # type: ignore[misc]
         if mode == "synthesize":
@@ -407,16 +416,30 @@ class HumanEvalSuite(GenerationSuite):
         candidate = build_program(meta["code_prompt"], completion, meta["entry_point"], self.mode, self.extract)
         return build_test_program(candidate, meta["test"], meta["entry_point"])
 
+    def _source(self, completion: str, example: Example) -> str:
+        """`program` without its final `check(entry_point)` call, which the sandbox's harness makes itself."""
+        meta = example.meta
+        candidate = build_program(meta["code_prompt"], completion, meta["entry_point"], self.mode, self.extract)
+        return candidate + "\n" + meta["test"]
+
     def score(self, completion: str, example: Example) -> dict[str, Any]:
         """Execute one completion: `correct` (tests passed), `extracted` (the program), `status`, `detail`."""
         return self._records_of([completion], [example])[0]
 
     def _records_of(self, completions: Sequence[str], examples: Sequence[Example]) -> list[dict[str, Any]]:
         """Execute completions (aligned with examples) in parallel; one score dict each."""
-        programs = [self.program(c, ex) for c, ex in zip(completions, examples, strict=True)]
-        results = execute_programs(programs, self.timeout_s, self.memory_mb, self.workers)
+        pairs = list(zip(completions, examples, strict=True))
+        programs = [self.program(c, ex) for c, ex in pairs]
+        results = execute_programs(
+            [self._source(c, ex) for c, ex in pairs],
+            self.timeout_s,
+            self.memory_mb,
+            self.workers,
+            sandbox=self.sandbox,
+            entry_points=[ex.meta["entry_point"] for ex in examples],
+        )
         return [
-            {"correct": r.passed, "extracted": p, "status": r.status, "detail": r.detail}
+            {"correct": r.passed, "extracted": p, "status": r.status, "detail": r.detail, "sandbox": self.sandbox}
             for p, r in zip(programs, results, strict=True)
         ]
 
@@ -460,18 +483,20 @@ class HumanEvalSuite(GenerationSuite):
             )
         return records
 
-    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-        """`pass@1` (and `pass@k` for k <= samples) averaged over problems, `accuracy` (= pass@1) and `n`."""
+    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """`pass@1` (and `pass@k` for k <= samples) averaged over problems, `accuracy` (= pass@1), `n` and the
+        `sandbox` mode the programs ran in."""
         if not records:
-            return {"pass@1": 0.0, "accuracy": 0.0, "n": 0}
+            return {"pass@1": 0.0, "accuracy": 0.0, "n": 0, "sandbox": self.sandbox}
         counts = [(int(r.get("n_samples", 1)), int(r.get("n_correct", bool(r["correct"])))) for r in records]
         n_min = min(n for n, _ in counts)
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}
         for k in sorted({1, *self.k}):
             if k <= n_min:
                 metrics[f"pass@{k}"] = sum(pass_at_k(n, c, k) for n, c in counts) / len(counts)
         metrics["accuracy"] = metrics["pass@1"]
         metrics["n"] = len(records)
+        metrics["sandbox"] = self.sandbox
         return metrics
 
 
