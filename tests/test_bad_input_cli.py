@@ -85,7 +85,7 @@ CASES: list[Case] = [
     ("val interval 0", ["trainer.val_check_interval=0"], None, "trainer.val_check_interval"),
     ("negative clip", ["trainer.gradient_clip_val=-1"], None, "trainer.gradient_clip_val"),
     ("max_steps 0", ["trainer.max_steps=0"], None, "trainer.max_steps"),
-    ("a GPU on a CPU node", ["+trainer.accelerator=gpu"], None, "trainer.accelerator"),
+    ("a GPU on a CPU node", ["trainer.accelerator=gpu"], None, "trainer.accelerator='gpu': no such device"),
     ("learning rate 0", ["optim.lr=0"], None, "optim.lr"),
     ("negative seed", ["seed=-1"], None, "seed must be a non-negative integer"),
     # the model
