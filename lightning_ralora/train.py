@@ -77,8 +77,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     into the same dir, an earlier run there that was not asked to be resumed or started over, a bad checkpoint. A
     resume (`ckpt_path`, a requeue) must carry the checkpoint's identity and continues its W&B run. A stop signal
     raises `Interrupted` at the next safe point, with the checkpoint saved (cluster.StopOnSignal)."""
-    from .modules.adapter_module import read_plan
-
     install_stop_handlers()
     cfg = apply_method_settings(cfg)
     validate_config(cfg)
@@ -96,11 +94,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         identity["fresh_starts"] = fresh_starts(run_dir)  # a run started over in its dir is a new W&B run
         if is_rank_zero():
             remove_stale_temporaries(run_dir)
-        return _fit_and_record(cfg, run_dir, start.ckpt, identity, eval_jobs, read_plan)
+        return _fit_and_record(cfg, run_dir, start.ckpt, identity, eval_jobs)
 
 
-def _fit_and_record(cfg: DictConfig, run_dir: Path, ckpt: str | None, identity, eval_jobs, read_plan) -> dict[str, Any]:
+def _fit_and_record(cfg: DictConfig, run_dir: Path, ckpt: str | None, identity, eval_jobs) -> dict[str, Any]:
     """The compute of `train`, in its claimed run dir: seed, build, fit, validate, evaluate, record."""
+    from .modules.adapter_module import read_plan
+
     check_stop("start")  # a signal before any compute (e.g. between the jobs of a sweep)
     if cfg.get("deterministic"):
         torch.use_deterministic_algorithms(True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -125,3 +126,17 @@ def serve_judge(handler: type[StubJudge] = StubJudge) -> Iterator[ThreadingHTTPS
     finally:
         server.shutdown()
         server.server_close()
+
+
+def pids_named(marker: str) -> list[int]:
+    """Host pids of processes (live or zombie) whose name (/proc/PID/comm) is `marker`: what a sandbox left behind."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as f:
+                    if f.read().strip() == marker:
+                        pids.append(int(entry))
+            except OSError:
+                pass
+    return pids

@@ -20,6 +20,7 @@ from lightning_ralora.evaluation import execute_program, execute_programs, sandb
 from lightning_ralora.evaluation.humaneval import HumanEvalSuite
 from lightning_ralora.evaluation.sandbox import SandboxUnavailable, bwrap_problem, check_sandbox, unshare_works
 from lightning_ralora.rehearsal import rehearsal_data
+from tests.helpers import pids_named
 
 BWRAP_PROBLEM = bwrap_problem()
 needs_bwrap = pytest.mark.skipif(BWRAP_PROBLEM is not None, reason=f"bwrap unusable here: {BWRAP_PROBLEM}")
@@ -28,20 +29,6 @@ MODES = [pytest.param("bwrap", marks=needs_bwrap), "guard"]
 ADD_OK = "def add(a, b):\n    return a + b\n"
 ADD_WRONG = "def add(a, b):\n    return a - b\n"
 CHECK = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
-
-
-def _marked(marker: str) -> list[int]:
-    """Host pids of live (or zombie) processes whose name (/proc/PID/comm) is `marker`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as f:
-                    if f.read().strip() == marker:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -225,7 +212,7 @@ def test_bwrap_every_process_ends_at_the_verdict(timeout_s: float) -> None:
     )
     result = execute_program(program, timeout_s=timeout_s)
     assert result.status == ("passed" if timeout_s > 1 else "timeout"), result
-    assert _marked(marker) == []
+    assert pids_named(marker) == []
 
 
 @needs_bwrap
@@ -239,9 +226,9 @@ def test_bwrap_without_pidfd_still_times_out_and_cleans_up(monkeypatch: pytest.M
     result = execute_program(program, timeout_s=1.0)
     assert result.status == "timeout" and time.monotonic() - start < 3.0
     deadline = time.monotonic() + 2.0
-    while _marked(marker) and time.monotonic() < deadline:
+    while pids_named(marker) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert _marked(marker) == []
+    assert pids_named(marker) == []
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -9,7 +9,7 @@ signal aimed at "the parent" can never reach the test runner; every program firs
 with a marker unique to the attack, which its forks inherit, and the processes left are those carrying it. No
 attack signals anything but its own processes or the sandbox's init, and the fork bomb is bounded by the program.
 
-`python tests/test_sandbox_hostile.py` prints the table (markdown); `--guard` adds the guard mode's column."""
+`python -m tests.test_sandbox_hostile` prints the table (markdown); `--guard` adds the guard mode's column."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from lightning_ralora.evaluation import sandbox as _sandbox
+from tests.helpers import pids_named
 
 SANDBOX_PY = Path(_sandbox.__file__).resolve()  # the evaluator script loads this file alone (stdlib only)
 
@@ -326,20 +327,6 @@ def _program(attack: Attack, arena: Arena) -> str:
     return (WRONG_ADD if attack.wrong else RIGHT_ADD) + body + CHECK
 
 
-def _marked(marker: str) -> list[int]:
-    """Host pids of processes (live or zombie) whose /proc/PID/comm is `marker`."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm", encoding="utf-8", errors="replace") as f:
-                    if f.read().strip() == marker:
-                        pids.append(int(entry))
-            except OSError:
-                pass
-    return pids
-
-
 @dataclass
 class Row:
     attack: Attack
@@ -377,7 +364,7 @@ def run_attack(attack: Attack, root: Path, mode: str = "bwrap") -> Row:
             cwd=root,
             timeout=attack.timeout_s + 60,
         )
-        left = _marked(arena.marker)
+        left = pids_named(arena.marker)
         for pid in left:  # this attack's own leftovers (its marker), so that a failure does not linger
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
