@@ -173,7 +173,7 @@ def ratio_figure(
     note: str = "",
 ) -> Figure:
     """A Figure for times[num]/times[den] paired by round, with the bound of `target_id` (see report.TARGETS)."""
-    from .report import TARGETS
+    from benchmarks.report import TARGETS
 
     bound = TARGETS[target_id]["bound"] if target_id else None
     return Figure(key, section, label, paired_ratio(times[num], times[den]), target_id, bound, note)

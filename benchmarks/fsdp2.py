@@ -116,7 +116,7 @@ def run_variant(variant: str, args: argparse.Namespace, data: Path, out: Path) -
     run_dir = out / variant
     root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "lightning_ralora.cli.train", f"hydra.run.dir={run_dir}", *overrides]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     timer = run_dir / "step_timer.json"
     if res.returncode or not timer.exists():

@@ -18,13 +18,12 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from benchmarks.common import Env, Figure, call_sampler, fmt_seconds, ratio_figure, round_robin, summarize
+from benchmarks.variants import spec
 from lightning_ralora.adapters import adapter_layers, inject, merge_all
 from lightning_ralora.data.tokenizer import byte_tokenizer
 from lightning_ralora.evaluation.generate import make_generate
-from lightning_ralora.run import CONF_DIR
-
-from .common import Env, Figure, call_sampler, fmt_seconds, ratio_figure, round_robin, summarize
-from .variants import spec
+from lightning_ralora.run.compose import CONF_DIR
 
 BATCH = 8  # conf/eval/none.yaml's eval.batch_size
 FULL = {"prompts": 32, "max_new_tokens": 32, "model": {}}

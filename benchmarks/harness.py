@@ -1,6 +1,6 @@
 """The step benchmark's model, task and the two training harnesses timed against each other.
 
-Everything is composed from the package's Hydra configs (`lightning_ralora.run.compose_config`): conf/model/
+Everything is composed from the package's Hydra configs (`lightning_ralora.run.compose.compose_config`): conf/model/
 tiny_llama.yaml resized to the benchmark shapes, conf/optim/adamw.yaml with its cosine schedule, conf/trainer/cpu.yaml
 (trainer=gpu on CUDA), conf/logger/csv.yaml and the LearningRateMonitor of conf/callbacks/default.yaml. The adapters
 come from the variant registry (`benchmarks.variants`), the task is the benchmark's own causal-LM task.
@@ -8,7 +8,7 @@ come from the variant registry (`benchmarks.variants`), the task is the benchmar
 - `plain_block`: a plain PyTorch loop (data fetch, forward, loss, backward, grad clipping, optimizer step, LR
   schedule, zero_grad) with the optimizer and schedule of `AdapterModule.configure_optimizers` itself, timed by
   `torch.utils.benchmark.Timer`.
-- `lightning_block`: `trainer.fit` of the real `AdapterModule` (built by `lightning_ralora.run.build_module`) with
+- `lightning_block`: `trainer.fit` of the real `AdapterModule` (built by `lightning_ralora.run.build.build_module`) with
   the Trainer arguments of the composed config, no progress bar, no checkpointing, no validation, timed wall-clock
   from the start of the first timed batch to `on_train_end`.
 
@@ -33,11 +33,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.benchmark import Timer
 
+from benchmarks.common import Env
 from lightning_ralora.data.datamodule import ListDataModule
-from lightning_ralora.run import compose_config
+from lightning_ralora.run.compose import compose_config
 from lightning_ralora.tasks import TASKS, Task
-
-from .common import Env
 
 # the benchmark shapes, applied over conf/model/tiny_llama.yaml (model.config.*) and the bench task
 FULL_MODEL = {
@@ -127,7 +126,7 @@ def bench_config(env: Env, n_batches: int, variant: str | None = None) -> DictCo
 
 @functools.lru_cache(maxsize=64)
 def _bench_config(quick: bool, cuda: bool, n_batches: int, variant: str | None) -> DictConfig:
-    from .variants import PEFT
+    from benchmarks.variants import PEFT
 
     m = QUICK_MODEL if quick else FULL_MODEL
     cfg = copy.deepcopy(_composed(quick, cuda, "peft_lora" if variant in PEFT else "lora"))
@@ -143,9 +142,8 @@ def adapter_cfg(variant: str, composed: Any) -> dict[str, Any]:
     """The `adapter` config of a variant at the benchmark's equal parameter count: ours from the registry's
     benchmark entry (`variants.spec`'s config), peft LoRA from conf/adapter/peft_lora.yaml at r=RANK, alpha=ALPHA.
     peft GraLoRA and DoRA have no `adapter` config (plain loop only): their entry is only the kind."""
+    from benchmarks.variants import ALPHA, RANK, ours
     from lightning_ralora.adapters.registry import VARIANTS
-
-    from .variants import ALPHA, RANK, ours
 
     if variant in ours():
         return {"name": variant, "kind": variant, "dropout": 0.0, **dict(VARIANTS[variant].benchmark.config)}
@@ -260,7 +258,7 @@ def lightning_block(
     (checkpointing off); returns the mean seconds per step after the first `skip` steps."""
     from hydra.utils import instantiate
 
-    from lightning_ralora.run import build_loggers, trainer_kwargs
+    from lightning_ralora.run.build import build_loggers, trainer_kwargs
 
     kwargs = trainer_kwargs(cfg)
     kwargs.update(
@@ -291,12 +289,11 @@ def lightning_block(
 
 
 def build_module(variant: str, env: Env, n_batches: int, prepare: bool = True) -> L.LightningModule:
-    """The real AdapterModule for `variant` (ours or peft LoRA), built by `lightning_ralora.run.build_module` from
+    """The real AdapterModule for `variant` (ours or peft LoRA), built by `lightning_ralora.run.build.build_module` from
     the composed config, with its adapters applied now. With `prepare`, each layer's registered benchmark `prepare`
     step runs (SDS: the switch to the SDS phase, for the steady-state step cost); otherwise SDS starts in warm-up."""
-    from lightning_ralora.run import build_module as package_build_module
-
-    from .variants import prepare_layers
+    from benchmarks.variants import prepare_layers
+    from lightning_ralora.run.build import build_module as package_build_module
 
     register_task()
     torch.manual_seed(0)
@@ -316,10 +313,9 @@ def datamodule(env: Env, n_batches: int) -> L.LightningDataModule:
 
 def plain_model(variant: str, env: Env) -> tuple[nn.Module, Task]:
     """The same backbone (same seed) adapted by `variant` for the plain loop (SDS in its SDS phase), and its task."""
+    from benchmarks.variants import apply_to_model
     from lightning_ralora.adapters import find_targets
     from lightning_ralora.modules.backbone import build_backbone
-
-    from .variants import apply_to_model
 
     register_task()
     cfg = bench_config(env, 1)

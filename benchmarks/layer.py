@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import Env, Figure, calibrate_inner, call_sampler, ratio_figure, round_robin, summarize
-from .variants import DESCRIPTIONS, LAYER_VARIANTS, build_layer
+from benchmarks.common import Env, Figure, calibrate_inner, call_sampler, ratio_figure, round_robin, summarize
+from benchmarks.variants import DESCRIPTIONS, LAYER_VARIANTS, build_layer
 
 FULL = {"tokens": 4096, "shapes": [(1024, 1024), (1024, 4096)]}  # (in, out)
 QUICK = {"tokens": 64, "shapes": [(32, 32), (32, 128)]}

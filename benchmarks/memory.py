@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import Env, Figure, pick_env, ratio_figure, round_robin, summarize
-from .harness import bench_config, configure_optimizers, datamodule, plain_model, quiet, register_task
+from benchmarks.common import Env, Figure, pick_env, ratio_figure, round_robin, summarize
+from benchmarks.harness import bench_config, configure_optimizers, datamodule, plain_model, quiet, register_task
 
 VARIANTS = ("lora", "ralora", "gralora", "sds", "peft_lora", "peft_gralora", "peft_dora")
 STEPS = 3
@@ -216,7 +216,7 @@ def activation_memory(env: Env) -> tuple[dict[str, Any], list[Figure]]:
     what checkpointing GraLoRA's update (recomputing its k× larger intermediate in backward) gives back."""
     from torch.utils.checkpoint import checkpoint
 
-    from .paper import LAYER_VARIANTS, LLAMA, TOKENS, build_layer
+    from benchmarks.paper import LAYER_VARIANTS, LLAMA, TOKENS, build_layer
 
     shapes = {"tiny 32→32": (32, 32)} if env.quick else {f"LLaMA-8B {k}": LLAMA[k] for k in ("gate/up", "down")}
     tokens, r = (16, 8) if env.quick else (TOKENS[env.device.type], 16)

@@ -10,9 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .common import Env, Figure, calibrate_inner, call_sampler, ratio_figure, round_robin, summarize
-from .layer import _step_fn
-from .variants import _Holder, prepare_layers
+from benchmarks.common import Env, Figure, calibrate_inner, call_sampler, ratio_figure, round_robin, summarize
+from benchmarks.layer import _step_fn
+from benchmarks.variants import _Holder, prepare_layers
 
 LLAMA = {"q/o": (4096, 4096), "k/v": (4096, 1024), "gate/up": (4096, 14336), "down": (14336, 4096)}
 GEMMA = {"q/o": (2048, 2048), "k/v (MQA)": (2048, 256), "gate/up": (2048, 16384), "down": (16384, 2048)}
@@ -236,7 +236,7 @@ def run_step(env: Env, r: int = 16) -> tuple[dict[str, Any], list[Figure]]:
 
 def run(env: Env) -> dict[str, Any]:
     """Layers at the papers' shapes, the 8B-width model step and the activation memory per variant."""
-    from .memory import activation_memory
+    from benchmarks.memory import activation_memory
 
     layers_raw, figures = run_layers(env)
     step_raw, step_figs = run_step(env)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import Figure
 from lightning_ralora.io import markdown_table, write_json_atomic
-
-from .common import Figure
 
 # target id -> what the README promises; a figure with this target_id is met when its median ratio <= bound
 TARGETS: dict[str, dict[str, Any]] = {

@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .common import Env, Figure, pick_env
-from .report import TARGETS, markdown, write
+from benchmarks.common import Env, Figure, pick_env
+from benchmarks.report import TARGETS, markdown, write
 
 SECTIONS = ("layer", "step", "schedules", "memory", "generation", "paper")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from .harness import quiet
+    from benchmarks.harness import quiet
 
     quiet()
     os.environ.setdefault("WANDB_MODE", "disabled")

@@ -8,10 +8,9 @@ import os
 import tempfile
 from typing import Any
 
-from lightning_ralora.run import compose_config
-
-from .common import Env, Figure, ratio_figure, round_robin, summarize
-from .harness import bench_config, build_module, datamodule, lightning_block, section
+from benchmarks.common import Env, Figure, ratio_figure, round_robin, summarize
+from benchmarks.harness import bench_config, build_module, datamodule, lightning_block, section
+from lightning_ralora.run.compose import compose_config
 
 JOB = ["adapter=ralora", "logger=csv", "trainer.enable_progress_bar=false"]
 # --quick: the package's `debug=fast` (12 steps, tiny planted data) and the shortest GID warm-up
@@ -20,7 +19,7 @@ QUICK_JOB = ["debug=fast", "adapter.gid_batches=1"]
 
 def gid_share(env: Env, repeats: int) -> tuple[Figure, dict[str, Any]]:
     """Run the default job with adapter=ralora in-process; share = GIDWarmup seconds / the job's wall time."""
-    from lightning_ralora.train import train
+    from lightning_ralora.run.job import train
 
     overrides = JOB + (QUICK_JOB if env.quick else []) + (["trainer=gpu"] if env.cuda else [])
     os.environ.setdefault("WANDB_MODE", "disabled")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import Env, Figure, ratio_figure, round_robin, summarize
-from .harness import (
+from benchmarks.common import Env, Figure, ratio_figure, round_robin, summarize
+from benchmarks.harness import (
     FULL_MODEL,
     QUICK_MODEL,
     TIMER_WARMUP,
@@ -16,7 +16,7 @@ from .harness import (
     plain_block,
     plain_model,
 )
-from .variants import DESCRIPTIONS, trainable
+from benchmarks.variants import DESCRIPTIONS, trainable
 
 PLAIN = ("peft_lora", "lora", "peft_gralora", "gralora", "peft_dora")
 LIGHTNING = ("lora", "ralora", "gralora", "sds", "peft_lora")

@@ -1,5 +1,1 @@
-"""lightning_ralora: LoRA-variant research on Lightning."""
-
-from .resolvers import register_resolvers
-
-register_resolvers()
+"""lightning_ralora: LoRA-variant research on Lightning (the folders are the layers: docs/architecture.md)."""

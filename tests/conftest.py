@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from lightning_ralora.run import compose_config  # noqa: E402
+from lightning_ralora.run.compose import compose_config
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -57,11 +57,11 @@ def cls_file(tmp_path: Path) -> Path:
 
 
 def run_cli(run_dir: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """`python -m lightning_ralora.train hydra.run.dir=<run_dir> overrides...` as a user runs it (W&B disabled
+    """`python -m lightning_ralora.cli.train hydra.run.dir=<run_dir> overrides...` as a user runs it (W&B disabled
     unless `env` says otherwise)."""
     flags = [o for o in overrides if o.startswith("-")]  # Hydra's flags (-m) go before the overrides
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", *flags, f"hydra.run.dir={run_dir}"]
+        [sys.executable, "-m", "lightning_ralora.cli.train", *flags, f"hydra.run.dir={run_dir}"]
         + [o for o in overrides if not o.startswith("-")],
         capture_output=True,
         text=True,

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lightning_ralora.run import compose_config
+from lightning_ralora.run.compose import compose_config
 
 
 def mlp(*sizes: int, act: type[nn.Module] = nn.Tanh, seed: int | None = None) -> nn.Sequential:

@@ -108,7 +108,7 @@ def test_compiled_update_equals_eager(case: Case) -> None:
 def test_adapter_compile_key_compiles_every_layer_and_keeps_the_output() -> None:
     """`adapter.compile=true` reaches every injected layer; the model's logits equal the eager model's."""
     from lightning_ralora.modules.adapter_module import AdapterModule
-    from lightning_ralora.run import compose_config
+    from lightning_ralora.run.compose import compose_config
 
     outputs = []
     for flag in ("false", "true"):

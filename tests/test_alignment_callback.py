@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ralora.adapters import LayerSpec, adapter_layers, inject
 from lightning_ralora.callbacks.alignment import GradientAlignment
 from lightning_ralora.callbacks.sds_schedule import SDSSchedule
-from lightning_ralora.run import CONF_DIR
+from lightning_ralora.run.compose import CONF_DIR
 from tests.helpers import csv_rows, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -209,7 +209,7 @@ def test_callbacks_group_option_keeps_the_default_callbacks() -> None:
     """`callbacks=alignment` composes the default callbacks plus GradientAlignment (what train.py instantiates)."""
     from hydra import compose, initialize_config_dir
 
-    from lightning_ralora.train import build_callbacks
+    from lightning_ralora.run.job import build_callbacks
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["callbacks=alignment", "callbacks.alignment.every_n_steps=10", "run_dir=x"])

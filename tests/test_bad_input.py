@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ralora.config import ConfigError, validate_config
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.validate import validate_config
 from tests.conftest import make_cfg, run_cli
 
 
@@ -79,7 +80,7 @@ def test_lightning_device_forms_are_accepted(tmp_path: Path, devices: str) -> No
 def test_precision_list_is_lightnings_own() -> None:
     from lightning.fabric.connector import _PRECISION_INPUT_STR
 
-    from lightning_ralora.config import lightning_precisions
+    from lightning_ralora.run.validate import lightning_precisions
 
     assert set(typing.get_args(_PRECISION_INPUT_STR)) <= set(lightning_precisions())
     assert {"bf16-mixed", "32-true", 32, "16"} <= set(lightning_precisions())
@@ -281,7 +282,7 @@ def test_cli_refuses_a_numeric_ralora_scale_up_front(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("accelerator", ["gpu", "cuda", "mps", "tpu"])
 def test_an_accelerator_without_a_device_is_refused(tmp_path: Path, accelerator: str) -> None:
-    from lightning_ralora.config import visible_accelerators
+    from lightning_ralora.run.validate import visible_accelerators
 
     if visible_accelerators()[accelerator]:
         pytest.skip(f"a {accelerator} device is visible here")
@@ -475,7 +476,7 @@ EVAL = "lightning-ralora-eval"
 
 def _eval_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.eval_cli", *args],
+        [sys.executable, "-m", "lightning_ralora.cli.eval", *args],
         capture_output=True,
         text=True,
         env={**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"},
@@ -550,7 +551,7 @@ def test_eval_cli_refuses_generation_on_a_run_without_a_tokenizer(tmp_path: Path
 
 def test_an_interrupted_evaluation_leaves_the_earlier_eval_json(tmp_path: Path, monkeypatch) -> None:
     """eval.completions (no model): the scoring is interrupted half-way; eval.json keeps its bytes, no eval/ folder."""
-    from lightning_ralora.eval_cli import main as eval_main
+    from lightning_ralora.cli.eval import main as eval_main
     from lightning_ralora.evaluation.gsm8k import GSM8KSuite
 
     run = _finished_run(tmp_path)
@@ -615,7 +616,7 @@ def test_consolidate_refuses_a_path_that_is_no_sharded_checkpoint(tmp_path: Path
         ckpt.write_bytes(b"x")
     out = tmp_path / "one.ckpt"
     res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.consolidate", str(ckpt), str(out)],
+        [sys.executable, "-m", "lightning_ralora.cli.consolidate", str(ckpt), str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""Every bad input a cluster user tried, through the real CLI (`python -m lightning_ralora.train`): exit code 2, ONE
+"""Every bad input a cluster user tried, through the real CLI (`python -m lightning_ralora.cli.train`): exit code 2, ONE
 line on stderr that names the field, and nothing written (no results, checkpoint, lock or W&B dir; the run dir holds
 at most what Hydra writes before the job). `python -m tests.test_bad_input_cli` prints the table of all cases."""
 
@@ -134,7 +134,14 @@ def run_case(case: Case, tmp: Path) -> tuple[subprocess.CompletedProcess, Path]:
         args.append(f"hydra.run.dir={run}")
     flags = [a for a in args if a.startswith("-")]
     out = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", *flags, "debug=fast", *(a for a in args if a not in flags)],
+        [
+            sys.executable,
+            "-m",
+            "lightning_ralora.cli.train",
+            *flags,
+            "debug=fast",
+            *(a for a in args if a not in flags),
+        ],  # noqa: E501
         capture_output=True,
         text=True,
         timeout=300,

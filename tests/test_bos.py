@@ -24,13 +24,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.data.tokenizer import byte_tokenizer, encode_prompt, special_affixes
 from lightning_ralora.evaluation.generate import make_generate
 from lightning_ralora.evaluation.runner import evaluate, prepare_training_eval
 from lightning_ralora.tasks.sft import IGNORE, SFTTask, encode_pair
-from lightning_ralora.templates import render_prompt
-
-from .conftest import make_cfg
+from tests.conftest import make_cfg
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 CHAT = (

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_ralora.cli_checks import PROG, _jobs, check_command_line
-from lightning_ralora.run import CONF_DIR, compose_config
+from lightning_ralora.cli.checks import PROG, _jobs, check_command_line
+from lightning_ralora.run.compose import CONF_DIR, compose_config
 from tests.conftest import run_cli
 
 GRAMMAR = "(grammar: https://hydra.cc/docs/advanced/override_grammar/basic/)"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from lightning_ralora.cluster import (
+from lightning_ralora.run.cluster import (
     launcher_problems,
     objective_value,
     requeue_enabled,
@@ -23,8 +23,9 @@ from lightning_ralora.cluster import (
     slurm_job_id,
     task_objective,
 )
-from lightning_ralora.config import ConfigError, validate_config
-from lightning_ralora.run import CONF_DIR
+from lightning_ralora.run.compose import CONF_DIR
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.validate import validate_config
 from lightning_ralora.tasks import TASKS
 from tests.conftest import make_cfg
 
@@ -39,10 +40,10 @@ def hydra_cfg(*overrides: str):
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """`python -m lightning_ralora.train args...` from the repo root, W&B disabled, no launcher variables."""
+    """`python -m lightning_ralora.cli.train args...` from the repo root, W&B disabled, no launcher variables."""
     base = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV and not k.startswith("SLURM_")}
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", *args],
+        [sys.executable, "-m", "lightning_ralora.cli.train", *args],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -125,7 +126,7 @@ def test_validate_config_reports_the_guard(tmp_path: Path, monkeypatch: pytest.M
         monkeypatch.delenv(key, raising=False)
     cfg = make_cfg(tmp_path, ["trainer=ddp"])
     validate_config(cfg, check_model=False)  # a single run may use Lightning's launcher
-    monkeypatch.setattr("lightning_ralora.cluster.in_hydra_multirun", lambda: True)
+    monkeypatch.setattr("lightning_ralora.run.cluster.in_hydra_multirun", lambda: True)
     with pytest.raises(ConfigError, match=r"cannot run inside a Hydra multirun .*hydra/launcher=submitit_slurm"):
         validate_config(cfg, check_model=False)
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ralora.compare import load_runs, main, read_curves
+from lightning_ralora.cli.compare import main
+from lightning_ralora.reporting.compare import load_runs, read_curves
 
 
 def _run_dir(root: Path, variant: str, seed: int, loss0: float, cos: float | None, version: int = 0) -> Path:
@@ -77,7 +78,7 @@ def test_alignment_summary_in_results_is_preferred(tmp_path: Path) -> None:
     res["callbacks"] = {"GradientAlignment": {"metrics": {"align/mean/cos_f": {"mean": 0.123, "last": 0.1}}}}
     (d / "results.json").write_text(json.dumps(res))
     (run,) = load_runs([d])
-    from lightning_ralora.compare import markdown_table
+    from lightning_ralora.reporting.compare import markdown_table
 
     assert markdown_table([run]).splitlines()[4].rstrip(" |").endswith("0.123")
 

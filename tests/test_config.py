@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_ralora.catalog import sweep_configs
-from lightning_ralora.config import validate_config
-from lightning_ralora.methods import apply_method_settings
-from lightning_ralora.train import CONF_DIR
+from lightning_ralora.run.catalog import sweep_configs
+from lightning_ralora.run.compose import CONF_DIR
+from lightning_ralora.run.methods import apply_method_settings
+from lightning_ralora.run.validate import validate_config
 from tests.conftest import make_cfg
 
 EXPERIMENTS = sorted(sweep_configs())
@@ -41,7 +41,7 @@ def test_experiment_configs_compose(tmp_path: Path, experiment: str) -> None:
 
 def test_published_numbers_cover_spec_section_8() -> None:
     """The headline numbers the papers state (RaLoRA GSM8K, SDS-LoRA commonsense average) are in the table folders."""
-    from lightning_ralora.published import published_cell
+    from lightning_ralora.reporting.published import published_cell
 
     gsm8k = {"lora": 67.78, "ralora": 72.25, "ralora_pro": 73.01, "full": 73.69}
     for method, value in gsm8k.items():

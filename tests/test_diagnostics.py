@@ -23,7 +23,7 @@ from lightning_ralora.diagnostics import (
     subspace_overlap,
 )
 from lightning_ralora.diagnostics.structure import block_terms, equivalent_factors
-from lightning_ralora.gid import effective_rank
+from lightning_ralora.rank.spectra import effective_rank
 from tests.adapter_cases import CASES, IN, OUT, Case
 
 ids = [c.name for c in CASES]

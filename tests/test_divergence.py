@@ -14,9 +14,8 @@ from torch import nn
 
 from lightning_ralora.callbacks.divergence import Diverged, DivergenceGuard
 from lightning_ralora.modules.adapter_module import AdapterModule, read_plan
-from lightning_ralora.train import train
-
-from .conftest import make_cfg
+from lightning_ralora.run.job import train
+from tests.conftest import make_cfg
 
 NAN_FROM = 5  # the planted NaN appears at global_step 5 (steps 0-4 are finite)
 
@@ -126,7 +125,7 @@ def test_guard_off_lets_nan_through(tmp_path: Path, nan_from_step: int):
 
 def test_diverged_run_records_status(tmp_path: Path, nan_from_step: int):
     """`train.run_job` writes results.json with status diverged and exits 1 in a single run."""
-    from lightning_ralora import train as train_mod
+    from lightning_ralora.run.job import train as train_mod
 
     with pytest.raises(SystemExit) as exit_:
         train_mod.run_job(diverging_cfg(tmp_path))

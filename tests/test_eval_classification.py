@@ -16,8 +16,8 @@ from lightning_ralora.evaluation.base import CLASSIFICATION_SUITES
 from lightning_ralora.evaluation.glue import evaluate_glue, glue_average, glue_metrics, glue_score, split_metrics
 from lightning_ralora.evaluation.image import evaluate_image
 from lightning_ralora.modules.adapter_module import AdapterModule
+from lightning_ralora.run.job import train
 from lightning_ralora.tasks.classification import resolve_glue
-from lightning_ralora.train import train
 from tests.conftest import make_cfg
 from tests.helpers import pearson, spearman
 

@@ -16,13 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_ralora.config import ConfigError
-from lightning_ralora.eval_cli import main as eval_main
+from lightning_ralora.cli.eval import main as eval_main
 from lightning_ralora.evaluation.runner import prepare, prepare_training_eval
-from lightning_ralora.rehearsal import rehearsal_data
-
-from .conftest import make_cfg
-from .helpers import StubJudge, serve_judge
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.rehearsal import rehearsal_data
+from tests.conftest import make_cfg
+from tests.helpers import StubJudge, serve_judge
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -81,7 +80,7 @@ def test_gzipped_completions_and_data_from_the_command_line(tmp_path: Path) -> N
     completions = _jsonl(tmp_path / "completions.jsonl.gz", [{"completion": c} for c in GSM8K_COMPLETIONS])
     run = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.eval_cli", f"run_dir={run}", "eval=gsm8k",
+        [sys.executable, "-m", "lightning_ralora.cli.eval", f"run_dir={run}", "eval=gsm8k",
          f"eval.data_files={data}", f"eval.completions={completions}"],
         capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300,
     )  # fmt: skip
@@ -109,7 +108,7 @@ def test_a_chat_template_run_renders_with_its_tokenizer(tmp_path: Path) -> None:
     first, as its template writes it), and the completions are scored on them."""
     from transformers import AutoTokenizer
 
-    from .test_bos import _save_tokenizer
+    from tests.test_bos import _save_tokenizer
 
     tok_dir = _save_tokenizer(tmp_path / "tok", "bos")
     run = tmp_path / "run"

@@ -13,12 +13,11 @@ from typing import Any
 
 import pytest
 
-from lightning_ralora.eval_cli import main as eval_main
+from lightning_ralora.cli.eval import main as eval_main
 from lightning_ralora.evaluation.humaneval import CODE_STOP
-from lightning_ralora.train import train
-
-from .conftest import make_cfg
-from .helpers import pearson, spearman
+from lightning_ralora.run.job import train
+from tests.conftest import make_cfg
+from tests.helpers import pearson, spearman
 
 N_HUMANEVAL = 3
 COMMONSENSE = ("boolq", "piqa")
@@ -208,7 +207,7 @@ def test_commonsense_two_ranks_match_one_process(sft_run) -> None:
     completions = [r["completion"] for r in _records(run, "commonsense")]
     (run / "eval.json").unlink()
     res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.eval_cli", *_commonsense_args(sft_run), "trainer=ddp",
+        [sys.executable, "-m", "lightning_ralora.cli.eval", *_commonsense_args(sft_run), "trainer=ddp",
          "trainer.devices=2", "trainer.accelerator=cpu"],
         capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300,
     )  # fmt: skip

@@ -13,13 +13,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_ralora.cli.eval import main as eval_main
 from lightning_ralora.data.tokenizer import byte_tokenizer
-from lightning_ralora.eval_cli import main as eval_main
 from lightning_ralora.evaluation.generate import make_generate, truncate_at_stop
 from lightning_ralora.evaluation.runner import shard_indices
-from lightning_ralora.train import train
-
-from .conftest import make_cfg
+from lightning_ralora.run.job import train
+from tests.conftest import make_cfg
 
 N_EVAL = 5  # odd: the 2-rank shards differ in size
 
@@ -178,7 +177,7 @@ def test_cli_two_ranks_shard_an_odd_file_and_match_one_process(trained) -> None:
     completions = [r["completion"] for r in _records(run)]
     (run / "eval.json").unlink()
     res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.eval_cli", f"run_dir={run}", "eval=gsm8k",
+        [sys.executable, "-m", "lightning_ralora.cli.eval", f"run_dir={run}", "eval=gsm8k",
          f"eval.data_files={trained['eval_file']}", "eval.max_new_tokens=8", "trainer=ddp", "trainer.devices=2",
          "trainer.accelerator=cpu"],
         capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300,
@@ -231,7 +230,7 @@ def test_bad_input_is_one_line_and_exit_2_with_nothing_written(trained, capsys, 
 
 def test_bad_input_exits_2_from_the_command_line(tmp_path: Path) -> None:
     res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.eval_cli", f"run_dir={tmp_path / 'missing'}", "eval=gsm8k"],
+        [sys.executable, "-m", "lightning_ralora.cli.eval", f"run_dir={tmp_path / 'missing'}", "eval=gsm8k"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 2 and res.stderr.strip().count("\n") == 0 and "not found" in res.stderr, res.stderr

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.evaluation import (
     SUITES,
     CommonsenseSuite,
@@ -23,7 +24,6 @@ from lightning_ralora.evaluation import (
 )
 from lightning_ralora.evaluation.humaneval import build_program, extract_code, truncate_at_stop
 from lightning_ralora.evaluation.math import extract_math_answer, last_boxed
-from lightning_ralora.templates import render_prompt
 
 
 def fake_generate(outputs: dict[str, Any]):

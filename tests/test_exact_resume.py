@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lightning_ralora.data.datamodule import ListDataModule, ResumableDataLoader
-from lightning_ralora.train import train
+from lightning_ralora.run.job import train
 from tests.conftest import make_cfg
 
 

@@ -13,12 +13,14 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_ralora.adapters import ADAPTER_CLASSES
-from lightning_ralora.catalog import sweep_configs
-from lightning_ralora.config import ConfigError, validate_config
-from lightning_ralora.gid import GIDStat, build_ralora_plan
-from lightning_ralora.methods import apply_method_settings
 from lightning_ralora.modules.adapter_module import spec_from_cfg
-from lightning_ralora.run import compose_config
+from lightning_ralora.rank.estimate import GIDStat
+from lightning_ralora.rank.rules import build_ralora_plan
+from lightning_ralora.run.catalog import sweep_configs
+from lightning_ralora.run.compose import compose_config
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.methods import apply_method_settings
+from lightning_ralora.run.validate import validate_config
 
 SDS_METHODS = ["lora", "rslora", "lora_plus", "pissa", "dora", "sds_lora", "full"]
 SDS_LR = {  # SDS-LoRA paper, Table 10: (LoRA-based lr, full-FT lr)

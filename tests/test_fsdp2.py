@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ralora.consolidate import consolidate, load_full_checkpoint
+from lightning_ralora.cli.consolidate import consolidate
 from lightning_ralora.modules.adapter_module import read_plan
-
-from .conftest import run_cli
+from lightning_ralora.run.consolidate import load_full_checkpoint
+from tests.conftest import run_cli
 
 VARIANTS = ["lora", "rslora", "ralora", "ralora_pro", "ls_lora", "gralora", "hybrid_gralora", "sds_lora"]
 # tiny and short: 6 steps, alignment measured on steps 2, 4, 6; SDS switches after step 2 and refreshes after
@@ -113,7 +113,7 @@ def test_two_simulated_nodes_train_with_world_size_two(tmp_path: Path, trainer: 
     port = _free_port()
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1"]
     launch += ["--master-addr=127.0.0.1", f"--master-port={port}"]
-    args = ["-m", "lightning_ralora.train", f"hydra.run.dir={tmp_path}", "debug=fast", f"trainer={trainer}"]
+    args = ["-m", "lightning_ralora.cli.train", f"hydra.run.dir={tmp_path}", "debug=fast", f"trainer={trainer}"]
     args += ["trainer.num_nodes=2", "trainer.devices=1", "trainer.max_steps=4", "trainer.val_check_interval=4"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
     nodes = [
@@ -134,8 +134,7 @@ def _hub(tmp_path: Path, sft_file: Path, *model: str) -> tuple[Path, list[str]]:
     FSDP2 SFT run on it."""
     from lightning_ralora.data.tokenizer import byte_tokenizer
     from lightning_ralora.modules.adapter_module import AdapterModule
-
-    from .conftest import make_cfg
+    from tests.conftest import make_cfg
 
     cfg = make_cfg(tmp_path, list(model))
     hub = tmp_path / "hub"
@@ -196,8 +195,7 @@ def test_fsdp2_pretrained_backbone_writes_an_adapter_only_sharded_checkpoint(
     from transformers import AutoModelForCausalLM
 
     from lightning_ralora.modules.adapter_module import AdapterModule
-
-    from .conftest import make_cfg
+    from tests.conftest import make_cfg
 
     hub, common = _hub(tmp_path, sft_file, "model.config.hidden_size=256", "model.config.intermediate_size=512")
     steps = ["trainer.max_steps=4", "trainer.val_check_interval=4", "callbacks.checkpoint.every_n_train_steps=4"]

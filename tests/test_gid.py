@@ -22,28 +22,20 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ralora.adapters import RaLoRALinear, adapter_layers, inject
+from lightning_ralora.adapters.plan import AdapterPlan
 from lightning_ralora.adapters.registry import check_adapter
 from lightning_ralora.callbacks.gid_warmup import GIDWarmup, rank_shard
-from lightning_ralora.gid import (
+from lightning_ralora.rank.estimate import (
     GIDStat,
     NonFiniteGradientError,
-    allocate_ranks,
-    blocks_for,
-    build_ralora_plan,
-    cumulative_energy,
-    effective_rank,
+    assign_owners,
     estimate_gid,
-    fit_blocks,
-    plot_cumulative_energy,
-    plot_gid,
-    rank_for_energy,
-    singular_values,
-    validate_ralora_cfg,
     warmup_train_mode,
 )
-from lightning_ralora.gid_profile import profile, spearman
-from lightning_ralora.plan import AdapterPlan
-from lightning_ralora.rank.estimate import assign_owners
+from lightning_ralora.rank.plots import plot_cumulative_energy, plot_gid
+from lightning_ralora.rank.rules import allocate_ranks, blocks_for, build_ralora_plan, fit_blocks, validate_ralora_cfg
+from lightning_ralora.rank.spectra import cumulative_energy, effective_rank, rank_for_energy, singular_values
+from lightning_ralora.reporting.gid_profile import profile, spearman
 from tests.helpers import adapter_cfg, mlp
 
 PNG_MAGIC = b"\x89PNG"
@@ -499,7 +491,7 @@ def test_rank_shard_partitions_global_batches() -> None:
 _DDP_WORKER = """
 import sys, torch, torch.distributed as dist
 from torch import nn
-from lightning_ralora.gid import estimate_gid
+from lightning_ralora.rank.estimate import estimate_gid
 rank, world, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 shard = sys.argv[5] == "1"
 dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -777,8 +769,7 @@ def test_fsdp2_warmup_shards_sums_and_runs_on_rank0_alone_with_load_on_rank0(tmp
 
     from lightning_ralora.data.tokenizer import byte_tokenizer
     from lightning_ralora.modules.adapter_module import AdapterModule
-
-    from .conftest import make_cfg, run_cli
+    from tests.conftest import make_cfg, run_cli
 
     cfg = make_cfg(tmp_path)
     hub = tmp_path / "hub"

@@ -12,9 +12,8 @@ import pytest
 
 from lightning_ralora.callbacks.gid_tracker import GIDOverTraining
 from lightning_ralora.rank.spectra import effective_rank
-from lightning_ralora.train import train
-
-from .conftest import make_cfg
+from lightning_ralora.run.job import train
+from tests.conftest import make_cfg
 
 TARGET = "model.layers.0.self_attn.q_proj"
 EVERY, WINDOW = 4, 2
@@ -43,7 +42,7 @@ class AutogradReference(L.Callback):
 
 def test_gid_over_training_matches_autograd_and_is_recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     reference = AutogradReference()
-    monkeypatch.setattr("lightning_ralora.train.build_callbacks", _with(reference))
+    monkeypatch.setattr("lightning_ralora.run.job.build_callbacks", _with(reference))
     overrides = ["callbacks=gid_over_training", f"callbacks.gid_over_training.every_n_steps={EVERY}"]
     overrides += [f"callbacks.gid_over_training.window={WINDOW}", "task.loss=layer", "wandb.mode=disabled"]
     results = train(make_cfg(tmp_path, overrides))  # debug=fast: 12 steps
@@ -56,7 +55,7 @@ def test_gid_over_training_matches_autograd_and_is_recorded(tmp_path: Path, monk
 
 
 def _with(extra: L.Callback):
-    from lightning_ralora.run import build_callbacks
+    from lightning_ralora.run.build import build_callbacks
 
     return lambda cfg: [*build_callbacks(cfg), extra]
 

@@ -16,7 +16,7 @@ from lightning_ralora.adapters.inject import find_targets, inject
 from lightning_ralora.modules.backbone import build_backbone
 from lightning_ralora.rank.estimate import GIDStat
 from lightning_ralora.rank.rules import build_gralora_plan, grid_for
-from lightning_ralora.run import CONF_DIR
+from lightning_ralora.run.compose import CONF_DIR
 from tests.conftest import make_cfg
 from tests.test_exact_resume import MID_EPOCH_RUN, _adapter_state, _run
 

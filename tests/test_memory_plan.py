@@ -1,4 +1,4 @@
-"""The memory model (lightning_ralora/memory_plan.py): counts, sharding, errors, and its peak against the tensor
+"""The memory model (reporting/memory_plan.py): counts, sharding, errors, and its peak against the tensor
 bytes a real CPU training step allocates (within 15 %)."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_ralora.config import ConfigError
-from lightning_ralora.memory_plan import plan, sharding
-from lightning_ralora.run import compose_config
+from lightning_ralora.reporting.memory_plan import plan, sharding
+from lightning_ralora.run.compose import compose_config
+from lightning_ralora.run.errors import ConfigError
 
 # the default tiny Llama scaled up so weights and activations are both measurable
 TINY = [
@@ -61,7 +61,7 @@ class StorageBytes(TorchDispatchMode):
 def measured_peak(overrides: list[str]) -> int:
     """Peak tensor bytes of one training step (forward, backward, AdamW step, zero_grad) of the real module."""
     from lightning_ralora.modules.adapter_module import optimizer_groups
-    from lightning_ralora.run import build_module
+    from lightning_ralora.run.build import build_module
 
     torch.manual_seed(0)
     module = build_module(compose_config(overrides, run_dir="/tmp/unused"))
@@ -137,7 +137,7 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys) -> None:
     import json
     import sys
 
-    from lightning_ralora import memory_plan
+    from lightning_ralora.cli import plan_memory as memory_plan
 
     monkeypatch.setattr(sys, "argv", ["lightning-ralora-plan-memory", f"hydra.run.dir={tmp_path}", "--json"])
     memory_plan.main()
@@ -149,7 +149,7 @@ def test_gid_warmup_prediction_matches_a_measured_cpu_warmup() -> None:
     """The plan's GID warm-up bytes (one process: full model, every fp32 sum, one batch) within 15 % of the tensor
     bytes estimate_gid allocates at its peak on the tiny Llama."""
     from lightning_ralora.rank.estimate import estimate_gid
-    from lightning_ralora.run import build_module
+    from lightning_ralora.run.build import build_module
 
     overrides = [*TINY, "adapter=ralora"]
     predicted = plan(compose_config(overrides, run_dir="/tmp/unused"))["gid_warmup"]

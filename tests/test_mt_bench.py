@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 from omegaconf import OmegaConf
 
+from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.evaluation.base import SUITES, EvalDataError, Example, read_rows
 from lightning_ralora.evaluation.mt_bench import (
     JUDGE_PROMPTS,
@@ -36,7 +37,6 @@ from lightning_ralora.evaluation.mt_bench import (
     render_two_turn,
 )
 from lightning_ralora.evaluation.runner import EvalConfigError, build_suite
-from lightning_ralora.templates import render_prompt
 from tests.helpers import StubJudge, serve_judge
 
 FIXTURES = Path(__file__).parent / "fixtures"

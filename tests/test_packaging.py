@@ -15,7 +15,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from lightning_ralora.run import CONF_DIR, build_loggers, compose_config, run_identity, trainer_kwargs
+from lightning_ralora.run.build import build_loggers, trainer_kwargs
+from lightning_ralora.run.compose import CONF_DIR, compose_config
+from lightning_ralora.run.identity import identity_record
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +202,7 @@ def test_run_and_sweep_directories() -> None:
         full = compose(
             "config", overrides=["experiment=planted_compare", "adapter=ralora", "seed=2"], return_hydra_config=True
         )
-    label = run_identity(cfg)["label"]  # <variant>-<model>-<task>-<hash of the identity keys>
+    label = identity_record(cfg)["label"]  # <variant>-<model>-<task>-<hash of the identity keys>
     assert re.fullmatch(r"ralora-tiny_llama-planted-[0-9a-f]{8}", label)
     assert os.path.normpath(full.hydra.run.dir) == f"outputs/planted_compare/{label}/seed2"
     assert os.path.normpath(full.hydra.sweep.dir) == "multirun/planted_compare"
@@ -250,7 +252,7 @@ def test_loggers_from_target_yamls(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     loggers = build_loggers(compose_config(["seed=3"], run_dir=tmp_path))
     assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]
     init = loggers[1]._wandb_init
-    label = run_identity(compose_config(["seed=3"], run_dir=tmp_path))["label"]
+    label = identity_record(compose_config(["seed=3"], run_dir=tmp_path))["label"]
     assert init["mode"] == "offline" and init["group"] == f"default/{label}" and init["resume"] == "allow"
     assert init["name"] == f"{label}-seed3" and "seed:3" in init["tags"] and len(init["id"]) == 16
     assert init["config"]["seed"] == 3 and isinstance(init["config"], dict)
@@ -309,7 +311,7 @@ def test_user_config_directory_on_the_search_path(tmp_path: Path) -> None:
         "# @package _global_\ndefaults:\n  - override /adapter: my_lora\nexperiment_name: my_exp\noptim:\n  lr: 1e-3\n"
     )
     res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", f"hydra.searchpath=[file://{conf}]", "experiment=my_exp"]
+        [sys.executable, "-m", "lightning_ralora.cli.train", f"hydra.searchpath=[file://{conf}]", "experiment=my_exp"]
         + ["--cfg", "job", "--resolve"],
         capture_output=True,
         text=True,
@@ -339,7 +341,7 @@ def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path) -> None:
     assert inst.returncode == 0, inst.stderr[-3000:]
     env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "disabled"}
     where = subprocess.run(
-        [sys.executable, "-c", "import lightning_ralora.train as t; print(t.__file__); print(t.CONF_DIR)"],
+        [sys.executable, "-c", "import lightning_ralora.run.job as t; print(t.__file__); print(t.CONF_DIR)"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -349,7 +351,14 @@ def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path) -> None:
     assert Path(module_file).is_relative_to(site) and Path(conf_dir).is_relative_to(site)
     run = tmp_path / "run"
     res = subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", "debug=fast", "trainer.max_steps=3", f"hydra.run.dir={run}"],
+        [
+            sys.executable,
+            "-m",
+            "lightning_ralora.cli.train",
+            "debug=fast",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={run}",
+        ],  # noqa: E501
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -11,16 +11,15 @@ import pytest
 import torch
 
 from lightning_ralora.data.datamodule import ListDataModule
+from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.data.tokenizer import byte_tokenizer, load_tokenizer
+from lightning_ralora.run.job import train
 from lightning_ralora.tasks import sft as sft_module
 from lightning_ralora.tasks.classification import ClassificationTask
 from lightning_ralora.tasks.sft import SFTTask, encode_pair, sft_collator
 from lightning_ralora.tasks.text_data import load_split, tokenizer_key
-from lightning_ralora.templates import render_prompt
-from lightning_ralora.train import train
-
-from .conftest import make_cfg, run_cli
-from .test_bos import _save_tokenizer
+from tests.conftest import make_cfg, run_cli
+from tests.test_bos import _save_tokenizer
 
 N_ROWS = 64  # rows of the sft_file fixture
 

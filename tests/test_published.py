@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ralora.published import PAPERS, load_published, published_cell, published_tables
+from lightning_ralora.reporting.published import PAPERS, load_published, published_cell, published_tables
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "paper_tables"
@@ -319,8 +319,8 @@ def test_load_published_is_a_copy() -> None:
 
 def test_experiments_list_the_methods_they_do_not_reproduce() -> None:
     """Each experiment's `not_reproduced` covers the published table's methods no variant implements (e.g. MoRA)."""
-    from lightning_ralora.run import compose_config
-    from lightning_ralora.tables import TABLES
+    from lightning_ralora.reporting.tables import TABLES
+    from lightning_ralora.run.compose import compose_config
 
     for paper in ("ralora", "sds_lora"):
         for table, spec in load_published(paper)["tables"].items():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_ralora.modules.adapter_module import AdapterModule
-from lightning_ralora.train import train
+from lightning_ralora.run.job import train
 from tests.conftest import make_cfg, run_cli
 
 
@@ -106,7 +106,7 @@ def test_resume_after_warmup_matches_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_gid_profiling_command_writes_the_profile_without_training(tmp_path: Path) -> None:
-    from lightning_ralora.train import profile_gid
+    from lightning_ralora.reporting.gid_profile import profile_gid
 
     result = profile_gid(make_cfg(tmp_path, ["adapter=ralora", "adapter.gid_batches=2"]))
     for suffix in ("json", "md", "png"):

@@ -14,7 +14,7 @@ from torch import nn
 from lightning_ralora.adapters import LayerSpec, inject
 from lightning_ralora.data.tokenizer import byte_tokenizer
 from lightning_ralora.modules.adapter_module import AdapterModule, optimizer_groups
-from lightning_ralora.train import train
+from lightning_ralora.run.job import train
 from tests.conftest import make_cfg
 
 SPECS = {

@@ -28,9 +28,10 @@ from lightning_ralora.adapters.registry import (
     unregister_variant,
 )
 from lightning_ralora.adapters.schema import AdapterConfig, CallbackSpec
-from lightning_ralora.config import ConfigError, validate_config
 from lightning_ralora.diagnostics.alignment import effective_gradient, layer_metrics
 from lightning_ralora.diagnostics.structure import block_terms
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.validate import validate_config
 from tests.adapter_cases import CASES, IN, OUT, Case
 from tests.conftest import make_cfg, run_cli
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_ralora.catalog import sweep_configs
-from lightning_ralora.tables import MISSING, TABLES
-from lightning_ralora.tables import main as tables_main
-from lightning_ralora.train import train
-
-from .conftest import make_cfg
-from .helpers import serve_judge
+from lightning_ralora.cli.tables import main as tables_main
+from lightning_ralora.reporting.tables import MISSING, TABLES
+from lightning_ralora.run.catalog import sweep_configs
+from lightning_ralora.run.job import train
+from tests.conftest import make_cfg
+from tests.helpers import serve_judge
 
 EXPERIMENTS = sorted(sweep_configs())
 GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte")  # one run per GLUE task (no WNLI)

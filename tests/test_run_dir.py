@@ -1,4 +1,4 @@
-"""One run directory, one writer, nothing lost (lightning_ralora/rundir.py): records are never replaced by a worse
+"""One run directory, one writer, nothing lost (lightning_ralora/run/rundir.py): records are never replaced by a worse
 attempt, checkpoints are written atomically and checked before a resume (against torch.load itself), a second run
 into a busy directory is refused, a full disk leaves no loadable-looking partial checkpoint, and every bad resume
 request is refused before compute with the completed record untouched."""
@@ -18,8 +18,8 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_ralora.config import ConfigError
-from lightning_ralora.rundir import (
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.rundir import (
     RunLock,
     checkpoint_problem,
     lock_owner_stale,
@@ -33,7 +33,7 @@ FAST = ["debug=fast", "wandb.mode=disabled"]
 
 def cli(run: Path, *overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={run}", *overrides],
+        [sys.executable, "-m", "lightning_ralora.cli.train", f"hydra.run.dir={run}", *overrides],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -86,8 +86,8 @@ def test_a_completed_record_is_never_replaced_by_a_failed_or_interrupted_attempt
 def test_a_sweep_summary_lists_its_own_jobs_only(tmp_path: Path, monkeypatch, capsys) -> None:
     """Two sweeps write into one multirun dir at the same time: each summary counts the jobs carrying its id, with
     each job's latest record (a job re-run by this sweep after another sweep's completed record: its own attempt)."""
-    from lightning_ralora.run import print_sweep_summary
-    from lightning_ralora.rundir import SWEEP_ID_ENV, records_of_sweep
+    from lightning_ralora.run.record import print_sweep_summary
+    from lightning_ralora.run.rundir import SWEEP_ID_ENV, records_of_sweep
 
     for sweep, jobs in (("A", {"j1": "completed", "j2": "failed"}), ("B", {"j3": "completed", "j1": "failed"})):
         monkeypatch.setenv(SWEEP_ID_ENV, sweep)
@@ -190,7 +190,7 @@ def test_two_concurrent_runs_into_one_dir_one_is_refused_and_metrics_are_not_dup
     run = tmp_path / "run"
     job = [*FAST, f"+callbacks.slow._target_={__name__}.SlowSteps", "+callbacks.slow.seconds=1.0"]
     first = subprocess.Popen(
-        [sys.executable, "-m", "lightning_ralora.train", f"hydra.run.dir={run}", *job],
+        [sys.executable, "-m", "lightning_ralora.cli.train", f"hydra.run.dir={run}", *job],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -284,10 +284,11 @@ def _mount_namespace() -> list[str] | None:
 FULL_DISK = """
 set -u
 mount -t tmpfs -o size={size}k tmpfs {mnt} || exit 3
-{python} -m lightning_ralora.train hydra.run.dir={mnt}/run {overrides} > {out}/first.log 2>&1; echo $? > {out}/first.rc
+{python} -m lightning_ralora.cli.train hydra.run.dir={mnt}/run {overrides} > {out}/first.log 2>&1
+echo $? > {out}/first.rc
 {python} - <<'PY' > {out}/after_full.json
 import json, pathlib
-from lightning_ralora.rundir import checkpoint_problem
+from lightning_ralora.run.rundir import checkpoint_problem
 run = pathlib.Path("{mnt}/run")
 files = {{str(p.relative_to(run)): p.stat().st_size for p in run.rglob("*") if p.is_file()}}
 folder = run / "checkpoints"
@@ -295,7 +296,7 @@ ckpts = {{p.name: checkpoint_problem(p) for p in folder.iterdir()}} if folder.ex
 print(json.dumps({{"files": files, "checkpoints": ckpts}}))
 PY
 mount -o remount,size=65536k {mnt}
-{python} -m lightning_ralora.train hydra.run.dir={mnt}/run {overrides} ckpt_path=auto > {out}/resume.log 2>&1
+{python} -m lightning_ralora.cli.train hydra.run.dir={mnt}/run {overrides} ckpt_path=auto > {out}/resume.log 2>&1
 echo $? > {out}/resume.rc
 cp -r {mnt}/run {out}/run
 """

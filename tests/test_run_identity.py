@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ralora.config import ConfigError
-from lightning_ralora.identity import IDENTITY_KEY, identity_changes
-from lightning_ralora.run import compose_config, run_identity, run_names
-from lightning_ralora.train import run_job, train
-
-from .conftest import make_cfg
+from lightning_ralora.run.compose import compose_config
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.identity import IDENTITY_KEY, identity_changes, identity_record
+from lightning_ralora.run.job import run_job, train
+from lightning_ralora.run.tracking import run_names
+from tests.conftest import make_cfg
 
 
 def label(*overrides: str) -> str:
-    return run_identity(compose_config(list(overrides), run_dir="/tmp/unused"))["label"]
+    return identity_record(compose_config(list(overrides), run_dir="/tmp/unused"))["label"]
 
 
 def test_identity_moves_with_result_keys_only() -> None:
@@ -58,8 +58,8 @@ def test_a_credential_is_not_part_of_the_identity(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("HF_TOKEN", "hf_envSECRET_0123456789")
     literal = "hf_litSECRET_9876543210"
     given = ["debug=fast", "adapter.r=4", f"+model.hf_token={literal}", "+task.note=hf_envSECRET_0123456789"]
-    identity = run_identity(compose_config(given, run_dir="/x"))
-    assert identity["hash"] == run_identity(compose_config([*given[:2], given[3]], run_dir="/x"))["hash"]
+    identity = identity_record(compose_config(given, run_dir="/x"))
+    assert identity["hash"] == identity_record(compose_config([*given[:2], given[3]], run_dir="/x"))["hash"]
     assert "model.hf_token" not in identity["keys"] and identity["keys"]["task.note"] == "<redacted>"
     assert identity["overrides"] == ["debug=fast", "adapter.r=4", "+task.note=<redacted>"]
     tags = run_names(compose_config([*given, f"wandb.tags=[{literal}]"], run_dir="/x"))["tags"]
@@ -122,7 +122,7 @@ def test_multirun_with_a_bad_job_records_it_and_goes_on(tmp_path: Path) -> None:
     the summary lists all three, the exit code is 1; the same sweep again maps each job to its old directory."""
 
     def sweep() -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "lightning_ralora.train", "-m", "debug=fast", "adapter.r=4,-1,8"]
+        cmd = [sys.executable, "-m", "lightning_ralora.cli.train", "-m", "debug=fast", "adapter.r=4,-1,8"]
         cmd += ["wandb.mode=disabled", f"paths.root_dir={tmp_path}"]
         return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
 
@@ -161,7 +161,7 @@ def test_wandb_gets_config_once_artifacts_and_structure_table(tmp_path: Path, mo
 
 @pytest.mark.slow
 def test_cli_resume_with_a_changed_identity_exits_2_naming_the_key(tmp_path: Path) -> None:
-    from .conftest import run_cli
+    from tests.conftest import run_cli
 
     assert run_cli(tmp_path, "debug=fast", "adapter.r=4").returncode == 0
     ckpt = tmp_path / "checkpoints" / "last.ckpt"

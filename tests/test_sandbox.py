@@ -19,7 +19,7 @@ import pytest
 from lightning_ralora.evaluation import execute_program, execute_programs, sandbox
 from lightning_ralora.evaluation.humaneval import HumanEvalSuite
 from lightning_ralora.evaluation.sandbox import SandboxUnavailable, bwrap_problem, check_sandbox, unshare_works
-from lightning_ralora.rehearsal import rehearsal_data
+from lightning_ralora.run.rehearsal import rehearsal_data
 from tests.helpers import pids_named
 
 BWRAP_PROBLEM = bwrap_problem()
@@ -328,7 +328,7 @@ def _eval_cli(tmp_path: Path, path_env: str, *extra: str) -> subprocess.Complete
             f"eval.completions={completions}", "eval.allow_code_execution=true", *extra]  # fmt: skip
     env = {**os.environ, "PATH": path_env, "WANDB_MODE": "disabled"}
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.eval_cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "lightning_ralora.cli.eval", *args], capture_output=True, text=True, env=env, timeout=300
     )
 
 

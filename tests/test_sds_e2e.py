@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_ralora.adapters.sds import refresh_due
-from lightning_ralora.train import train
+from lightning_ralora.run.job import train
 from tests.conftest import make_cfg, run_cli
 from tests.helpers import csv_rows
 

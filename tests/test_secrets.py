@@ -11,11 +11,11 @@ import torch
 
 from lightning_ralora.modules.adapter_module import read_plan
 from lightning_ralora.modules.backbone import trust_remote_code
-from lightning_ralora.run import compose_config, wandb_mode
-from lightning_ralora.secrets import REDACTED, redact, redacted_argv
-from lightning_ralora.train import train
-
-from .conftest import make_cfg, run_cli
+from lightning_ralora.run.compose import compose_config
+from lightning_ralora.run.job import train
+from lightning_ralora.run.secrets import REDACTED, redact, redacted_argv
+from lightning_ralora.run.tracking import wandb_mode
+from tests.conftest import make_cfg, run_cli
 
 SECRETS = {
     "WANDB_API_KEY": "sk-test-SECRET123-wandb-0123456789abcdef0123",

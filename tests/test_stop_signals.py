@@ -1,7 +1,7 @@
 """A signal never loses a run: SIGTERM (SLURM's cancel, time limit, preemption) in fit, in validation or in the GID
 warm-up stops the run at its next safe point with a checkpoint and a record, exits 128 + the signal, and the resume
 ends at the same adapter weights as a run never interrupted; inside a sweep the interrupted job is recorded, the
-summary printed and later jobs not started. Through the real CLI (python -m lightning_ralora.train)."""
+summary printed and later jobs not started. Through the real CLI (python -m lightning_ralora.cli.train)."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ class SignalOnce(L.Callback):
 def cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     flags = [a for a in args if a.startswith("-")]
     return subprocess.run(
-        [sys.executable, "-m", "lightning_ralora.train", *flags, *(a for a in args if not a.startswith("-"))],
+        [sys.executable, "-m", "lightning_ralora.cli.train", *flags, *(a for a in args if not a.startswith("-"))],
         capture_output=True,
         text=True,
         timeout=timeout,

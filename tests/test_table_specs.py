@@ -15,12 +15,11 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from lightning_ralora.catalog import sweep_configs, table_docs
-from lightning_ralora.methods import apply_method_settings
-from lightning_ralora.published import published_cell
-from lightning_ralora.tables import TABLES
-
-from .conftest import make_cfg
+from lightning_ralora.reporting.published import published_cell
+from lightning_ralora.reporting.tables import TABLES
+from lightning_ralora.run.catalog import sweep_configs, table_docs
+from lightning_ralora.run.methods import apply_method_settings
+from tests.conftest import make_cfg
 
 EXPERIMENTS = sorted(sweep_configs())
 

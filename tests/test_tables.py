@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from lightning_ralora import tables
-from lightning_ralora.tables import CSV_HEADER, main
+from lightning_ralora.cli.tables import main
+from lightning_ralora.reporting import tables
+from lightning_ralora.reporting.tables import CSV_HEADER
 
 # the commonsense suites (eval.commonsense keys) and the SDS table's column ids, written out from the paper's Table 1
 SUITES = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -83,15 +84,15 @@ def sweep(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def published(monkeypatch: pytest.MonkeyPatch) -> dict[tuple, tuple[float, float]]:
-    """A stand-in lightning_ralora.published with a few cells."""
+    """A stand-in lightning_ralora.reporting.published with a few cells."""
     values = {
         ("sds_commonsense", "llama3_8b", 8, "lora", "boolq"): (85.42, 0.1),
         ("sds_commonsense", "llama3_8b", 8, "sds_lora", "avg"): (85.42, 0.0),
         ("sds_commonsense", "llama3_8b", None, "full", "avg"): (86.44, 0.0),
     }
-    fake = types.ModuleType("lightning_ralora.published")
+    fake = types.ModuleType("lightning_ralora.reporting.published")
     fake.published_cell = lambda table, model, rank, method, metric: values.get((table, model, rank, method, metric))
-    monkeypatch.setitem(sys.modules, "lightning_ralora.published", fake)
+    monkeypatch.setitem(sys.modules, "lightning_ralora.reporting.published", fake)
     return values
 
 
@@ -146,7 +147,7 @@ def test_sds_commonsense_means_stds_duplicates_and_missing(
 def test_published_module_absent_means_no_published_values(
     sweep: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "lightning_ralora.published", None)  # import raises ImportError
+    monkeypatch.setitem(sys.modules, "lightning_ralora.reporting.published", None)  # import raises ImportError
     out = tmp_path / "out"
     assert main(["--table", "sds_commonsense", "--out", str(out), str(sweep)]) == 0
     _, rows = read_csv(out / "sds_commonsense.csv")
@@ -305,9 +306,8 @@ def test_a_cell_mixing_configs_is_warned(tmp_path: Path) -> None:
 def test_gid_table_from_lightning_ralora_gid_profiles(tmp_path: Path) -> None:
     """`lightning-ralora-gid experiment=ralora_gsm8k_llama debug=rehearsal adapter=ralora` (no training): its
     gid_profile.json is a run of the ralora_gid table, the mean erank of its layers under the training set."""
-    from lightning_ralora.gid_profile import profile_gid
-
-    from .conftest import make_cfg
+    from lightning_ralora.reporting.gid_profile import profile_gid
+    from tests.conftest import make_cfg
 
     for seed in (0, 1):
         run = tmp_path / "gid" / f"seed{seed}"

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 
 from lightning_ralora.data.tokenizer import byte_tokenizer
 from lightning_ralora.modules.adapter_module import AdapterModule
+from lightning_ralora.run.job import train
 from lightning_ralora.tasks.classification import ClassificationTask
 from lightning_ralora.tasks.planted import planted_update
 from lightning_ralora.tasks.sft import IGNORE, encode_pair, sft_collator
 from lightning_ralora.tasks.text_data import load_split
-from lightning_ralora.train import train
 from tests.conftest import make_cfg
 
 

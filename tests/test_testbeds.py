@@ -12,12 +12,12 @@ from torch import nn
 
 from lightning_ralora.adapters import LayerSpec
 from lightning_ralora.adapters.registry import get_variant
-from lightning_ralora.gid_profile import profile_gid
 from lightning_ralora.modules.adapter_module import AdapterModule
-from lightning_ralora.tables import TABLES, Run, Table, aggregate, columns, rows
+from lightning_ralora.reporting.gid_profile import profile_gid
+from lightning_ralora.reporting.tables import TABLES, Run, Table, aggregate, columns, rows
+from lightning_ralora.run.job import train
 from lightning_ralora.tasks.planted import PlantedTask
 from lightning_ralora.tasks.planted_profiles import best_size, ceiling, planted_update
-from lightning_ralora.train import train
 from tests.conftest import make_cfg
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lightning_ralora.modules.adapter_module import AdapterModule
-from lightning_ralora.train import train
+from lightning_ralora.run.job import train
 from tests.conftest import make_cfg, run_cli
 
 

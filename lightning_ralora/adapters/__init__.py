@@ -1,15 +1,23 @@
 """Adapter layers (pure PyTorch). Every variant implements the AdapterLayer contract of docs/maths.md §0 and registers
 itself in `registry.VARIANTS` (layer class, typed config schema, callbacks, benchmark entry)."""
 
-from . import registry
-from .base import AdapterLayer, BlockTerm, LayerSpec
-from .gralora import GraLoRAConfig, GraLoRALinear
-from .inject import adapter_layers, find_modules, find_targets, freeze, inject, linear_names, merge_all
-from .lora import LoRAConfig, LoRALinear
-from .ralora import RaLoRAConfig, RaLoRALinear
-from .registry import VARIANTS, get_variant, import_plugins, register_variant
-from .schema import AdapterConfig, LowRankConfig
-from .sds import SDSConfig, SDSLoRALinear
+from lightning_ralora.adapters import registry
+from lightning_ralora.adapters.base import AdapterLayer, BlockTerm, LayerSpec
+from lightning_ralora.adapters.gralora import GraLoRAConfig, GraLoRALinear
+from lightning_ralora.adapters.inject import (
+    adapter_layers,
+    find_modules,
+    find_targets,
+    freeze,
+    inject,
+    linear_names,
+    merge_all,
+)
+from lightning_ralora.adapters.lora import LoRAConfig, LoRALinear
+from lightning_ralora.adapters.ralora import RaLoRAConfig, RaLoRALinear
+from lightning_ralora.adapters.registry import VARIANTS, get_variant, import_plugins, register_variant
+from lightning_ralora.adapters.schema import AdapterConfig, LowRankConfig
+from lightning_ralora.adapters.sds import SDSConfig, SDSLoRALinear
 
 # {kind: layer class}: a live view of the registry, so variants registered later (plugins) appear too
 ADAPTER_CLASSES = registry.LAYER_CLASSES

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schema import pos_int, raise_problems
+from lightning_ralora.adapters.schema import pos_int, raise_problems
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .base import (
+from lightning_ralora.adapters.base import (
     AdapterLayer,
     BlockTerm,
     LayerSpec,
@@ -31,8 +31,17 @@ from .base import (
     kaiming_uniform_,
     single_term,
 )
-from .registry import BenchmarkEntry, register_variant
-from .schema import CallbackSpec, LowRankConfig, doc, is_pos_int, nonneg_int, pos_int, power_of_two, raise_problems
+from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
+from lightning_ralora.adapters.schema import (
+    CallbackSpec,
+    LowRankConfig,
+    doc,
+    is_pos_int,
+    nonneg_int,
+    pos_int,
+    power_of_two,
+    raise_problems,
+)
 
 AUTO = "auto"  # adapter.k=auto: each layer's k from the GID warm-up (rank.rules.build_gralora_plan)
 

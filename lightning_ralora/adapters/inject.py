@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .base import AdapterLayer, LayerSpec
+from lightning_ralora.adapters.base import AdapterLayer, LayerSpec
 
 SpecSource = LayerSpec | Mapping[str, LayerSpec] | Callable[[str, nn.Linear], LayerSpec]
 
@@ -121,7 +121,7 @@ def inject(
     `spec` is one LayerSpec for all targets, a {module name: LayerSpec} plan, or a callable. Adapter tensors are
     `dtype`, by default at least fp32 whatever the base dtype. Returns {qualified name: adapter layer} in model order.
     """
-    from .registry import LAYER_CLASSES
+    from lightning_ralora.adapters.registry import LAYER_CLASSES
 
     registry = LAYER_CLASSES if registry is None else registry
     targets = find_targets(model, target_modules)

@@ -10,9 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, BlockTerm, LayerSpec, add_product, kaiming_uniform_, single_term
-from .registry import BenchmarkEntry, register_variant
-from .schema import LowRankConfig, doc, pos_number_or_none, raise_problems
+from lightning_ralora.adapters.base import (
+    AdapterLayer,
+    BlockTerm,
+    LayerSpec,
+    add_product,
+    kaiming_uniform_,
+    single_term,
+)
+from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
+from lightning_ralora.adapters.schema import LowRankConfig, doc, pos_number_or_none, raise_problems
 
 
 @dataclass

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import AdapterLayer, BlockTerm, LayerSpec, add_blocks, add_product, kaiming_uniform_
-from .registry import BenchmarkEntry, register_variant
-from .schema import (
+from lightning_ralora.adapters.base import AdapterLayer, BlockTerm, LayerSpec, add_blocks, add_product, kaiming_uniform_
+from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
+from lightning_ralora.adapters.schema import (
     CallbackSpec,
     LowRankConfig,
     doc,

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .base import AdapterLayer, LayerSpec
-from .schema import AdapterConfig, LowRankConfig, doc
+from lightning_ralora.adapters.base import AdapterLayer, LayerSpec
+from lightning_ralora.adapters.schema import AdapterConfig, LowRankConfig, doc
 
 PLUGINS_ENV = "LIGHTNING_RALORA_PLUGINS"
 

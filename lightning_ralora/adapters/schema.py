@@ -229,7 +229,7 @@ class LowRankConfig(AdapterConfig):
 
     def layer_spec(self, **variant_fields: Any) -> Any:
         """The LayerSpec of this config: the shared fields plus the variant's own."""
-        from .base import LayerSpec
+        from lightning_ralora.adapters.base import LayerSpec
 
         common = {"kind": self.kind, "r": int(self.r), "alpha": float(self.alpha), "dropout": float(self.dropout)}
         return LayerSpec(**common, **variant_fields)

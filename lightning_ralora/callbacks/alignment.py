@@ -30,10 +30,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_ralora.adapters import AdapterLayer, adapter_layers
+from lightning_ralora.callbacks._logging import log_event
 from lightning_ralora.diagnostics import METHODS, FullGradientCapture, effective_gradient, layer_metrics
 from lightning_ralora.diagnostics.structure import dense
-
-from ._logging import log_event
 
 
 def _kind(pl_module: L.LightningModule) -> str | None:

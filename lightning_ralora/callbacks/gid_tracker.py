@@ -17,10 +17,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from ..adapters import adapter_layers
-from ..diagnostics.capture import FullGradientCapture
-from ..rank.spectra import effective_rank
-from ._logging import log_event
+from lightning_ralora.adapters import adapter_layers
+from lightning_ralora.callbacks._logging import log_event
+from lightning_ralora.diagnostics.capture import FullGradientCapture
+from lightning_ralora.rank.spectra import effective_rank
 
 
 class GIDOverTraining(L.Callback):

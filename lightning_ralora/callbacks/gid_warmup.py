@@ -17,13 +17,13 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from ..adapters.schema import pos_int, raise_problems
-from ..cluster import Interrupted, stop_agreed
-from ..io import write_json_atomic
-from ..plan import AdapterPlan
-from ..rank.estimate import estimate_gid, spearman, warmup_train_mode
-from ..rank.plots import plot_cumulative_energy, plot_gid
-from ..rank.rules import build_gralora_plan, build_ralora_plan, validate_ralora_cfg
+from lightning_ralora.adapters.plan import AdapterPlan
+from lightning_ralora.adapters.schema import pos_int, raise_problems
+from lightning_ralora.io import write_json_atomic
+from lightning_ralora.rank.estimate import estimate_gid, spearman, warmup_train_mode
+from lightning_ralora.rank.plots import plot_cumulative_energy, plot_gid
+from lightning_ralora.rank.rules import build_gralora_plan, build_ralora_plan, validate_ralora_cfg
+from lightning_ralora.run.cluster import Interrupted, stop_agreed
 
 
 def rank_shard(loader: Iterable[Any], rank: int, world: int, n: int) -> Iterator[Any]:

@@ -31,8 +31,7 @@ import torch
 
 from lightning_ralora.adapters import SDSLoRALinear, adapter_layers
 from lightning_ralora.adapters.sds import refresh_due, schedule_problems
-
-from ._logging import log_event
+from lightning_ralora.callbacks._logging import log_event
 
 
 class SDSSchedule(L.Callback):

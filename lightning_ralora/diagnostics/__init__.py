@@ -1,7 +1,7 @@
 """Measurements that never change training (docs/maths.md §7): full-gradient capture, effective gradient,
 alignment metrics."""
 
-from .alignment import (
+from lightning_ralora.diagnostics.alignment import (
     METHODS,
     adapter_grads_from_full,
     closed_form_effective_gradient,
@@ -11,8 +11,8 @@ from .alignment import (
     layer_metrics,
     stable_rank,
 )
-from .capture import FullGradientCapture
-from .structure import BlockTerm, block_terms, equivalent_factors, subspace_overlap
+from lightning_ralora.diagnostics.capture import FullGradientCapture
+from lightning_ralora.diagnostics.structure import BlockTerm, block_terms, equivalent_factors, subspace_overlap
 
 __all__ = [
     "METHODS",

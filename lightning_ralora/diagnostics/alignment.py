@@ -17,9 +17,14 @@ from torch import nn
 from torch.func import functional_call, jvp, vjp
 
 from lightning_ralora.adapters import AdapterLayer
+from lightning_ralora.diagnostics.structure import (
+    block_terms,
+    blockwise_effective_gradient,
+    dense,
+    equivalent_factors,
+    subspace_overlap,
+)
 from lightning_ralora.rank.spectra import effective_rank
-
-from .structure import block_terms, blockwise_effective_gradient, dense, equivalent_factors, subspace_overlap
 
 METHODS = ("auto", "closed", "generic")
 

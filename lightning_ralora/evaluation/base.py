@@ -55,7 +55,7 @@ class GenerationSuite:
 
     def prompt(self, template: str | None, instruction: str, input: str | None = None) -> str:
         """`instruction` in the shared prompt template (the one the SFT run trained with), as its evaluation prompt."""
-        from lightning_ralora.templates import render_prompt
+        from lightning_ralora.data.templates import render_prompt
 
         return render_prompt(template, instruction, input, tokenizer=self.tokenizer, stage="eval")
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from ..data.tokenizer import encode_prompt, special_affixes
+from lightning_ralora.data.tokenizer import encode_prompt, special_affixes
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "num_return_sequences", "do_sample", "num_beams")
 

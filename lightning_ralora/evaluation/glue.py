@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from ..tasks.classification import GLUE_HUB, GLUE_TASKS, glue_task_name
-from .base import EvalDataError, read_rows, register_classification_suite
+from lightning_ralora.evaluation.base import EvalDataError, read_rows, register_classification_suite
+from lightning_ralora.tasks.classification import GLUE_HUB, GLUE_TASKS, glue_task_name
 
 # the eight tasks the GLUE average is taken over: GLUE without WNLI (whose dev set is adversarial and which T5/BERT
 # style tables leave out)

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .base import EvalDataError, register_classification_suite
+from lightning_ralora.evaluation.base import EvalDataError, register_classification_suite
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ def check_image_data(eval_cfg: Mapping[str, Any]) -> None:
     """Before any model loads: a local `eval.data_dir` exists and holds class folders."""
     if not eval_cfg.get("data_dir"):
         return
-    from ..tasks.image_classification import folder_classes
+    from lightning_ralora.tasks.image_classification import folder_classes
 
     path = Path(eval_cfg["data_dir"]).expanduser()
     if not path.is_dir():

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.evaluation.base import EvalDataError, Example, GenerateFn, GenerationSuite, register_suite
-from lightning_ralora.templates import render_prompt
 
 log = logging.getLogger(__name__)
 

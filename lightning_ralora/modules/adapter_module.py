@@ -14,11 +14,11 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from ..adapters import LayerSpec, adapter_layers, find_modules, find_targets, inject, merge_all
-from ..plan import AdapterPlan, uniform_plan
-from ..secrets import redact
-from ..tasks import TASKS
-from .backbone import env_global_rank, host_bytes, load_backbone, load_backbone_rank0
+from lightning_ralora.adapters import LayerSpec, adapter_layers, find_modules, find_targets, inject, merge_all
+from lightning_ralora.adapters.plan import AdapterPlan, uniform_plan
+from lightning_ralora.modules.backbone import env_global_rank, host_bytes, load_backbone, load_backbone_rank0
+from lightning_ralora.run.secrets import redact
+from lightning_ralora.tasks import TASKS
 
 PLAN_KEY = "adapter_plan"
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
@@ -26,7 +26,7 @@ ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 def spec_from_cfg(adapter_cfg: Mapping[str, Any]) -> LayerSpec:
     """The uniform LayerSpec a config describes: the registered variant's `to_spec` (adapters.registry)."""
-    from ..adapters.registry import spec_from_cfg as registry_spec_from_cfg
+    from lightning_ralora.adapters.registry import spec_from_cfg as registry_spec_from_cfg
 
     return registry_spec_from_cfg(adapter_cfg)
 
@@ -186,7 +186,7 @@ class AdapterModule(L.LightningModule):
             if self.plan is None and ckpt_path:
                 self.plan = read_plan(ckpt_path)
             if self.plan is None:
-                from ..adapters.registry import adapter_config
+                from lightning_ralora.adapters.registry import adapter_config
 
                 schema = adapter_config(self.adapter_cfg)
                 if schema.needs_plan:
@@ -252,7 +252,7 @@ class AdapterModule(L.LightningModule):
         (FSDP2Strategy: HSDP mesh, mixed precision, activation checkpointing; plain ModelParallelStrategy: dp)."""
         from torch.distributed.fsdp import fully_shard
 
-        from ..distributed import FSDP2Strategy, enable_activation_checkpointing
+        from lightning_ralora.modules.distributed import FSDP2Strategy, enable_activation_checkpointing
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         kwargs: dict[str, Any] = {}
@@ -326,7 +326,7 @@ class AdapterModule(L.LightningModule):
         """<run_dir>/load_bytes.json: bytes of backbone weights each rank held after loading (a collective)."""
         import torch.distributed as dist
 
-        from ..io import write_json_atomic
+        from lightning_ralora.io import write_json_atomic
 
         per_rank: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, self.loaded_bytes)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torchmetrics.functional import spearman_corrcoef
 
-from .spectra import effective_rank, singular_values
+from lightning_ralora.rank.spectra import effective_rank, singular_values
 
 
 class NonFiniteGradientError(FloatingPointError):

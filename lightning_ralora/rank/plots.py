@@ -12,14 +12,14 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .spectra import cumulative_energy
+from lightning_ralora.rank.spectra import cumulative_energy
 
 if TYPE_CHECKING:
     import numpy as np
     from matplotlib.figure import Figure
 
-    from ..plan import AdapterPlan
-    from .estimate import GIDStat
+    from lightning_ralora.adapters.plan import AdapterPlan
+    from lightning_ralora.rank.estimate import GIDStat
 
 Curve = Sequence[tuple[int, float]]  # (step, value) points
 

@@ -10,13 +10,13 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..adapters.base import LayerSpec
-from ..adapters.ralora import PLAN_RULES, SCALE_RULES, SMOOTHINGS, RaLoRAConfig
-from ..adapters.schema import is_pos_int, is_power_of_two
-from ..plan import AdapterPlan, PlanEntry
+from lightning_ralora.adapters.base import LayerSpec
+from lightning_ralora.adapters.plan import AdapterPlan, PlanEntry
+from lightning_ralora.adapters.ralora import PLAN_RULES, SCALE_RULES, SMOOTHINGS, RaLoRAConfig
+from lightning_ralora.adapters.schema import is_pos_int, is_power_of_two
 
 if TYPE_CHECKING:
-    from .estimate import GIDStat
+    from lightning_ralora.rank.estimate import GIDStat
 
 VARIANTS, SCALES = PLAN_RULES, SCALE_RULES  # the names this module has always exported (and gid re-exports)
 # floor() of a ratio that is an exact integer in real arithmetic must not drop by one through rounding
@@ -121,7 +121,7 @@ def allocate_ranks(
 def validate_ralora_cfg(cfg: Mapping[str, Any]) -> list[str]:
     """Every problem of a RaLoRA-family adapter config as a GID plan: the registry's schema (`RaLoRAConfig.validate`,
     what config validation runs before any compute), with `needs_gid` set, since a plan is what is asked for."""
-    from ..adapters.registry import check_adapter
+    from lightning_ralora.adapters.registry import check_adapter
 
     return check_adapter({**cfg, "kind": cfg.get("kind", "ralora"), "needs_gid": True})
 
@@ -212,7 +212,7 @@ def build_gralora_plan(
 ) -> AdapterPlan:
     """The k=auto plan: every target a GraLoRA spec of rank r with k_l from its GID (`grid_for`); r(m+n) per layer,
     as LoRA of rank r, whatever k_l."""
-    from ..adapters.gralora import GraLoRAConfig
+    from lightning_ralora.adapters.gralora import GraLoRAConfig
 
     problems = GraLoRAConfig.from_cfg(cfg).validate()
     if problems:

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..adapters.schema import pos_int
+from lightning_ralora.adapters.schema import pos_int
 
 
 class Task:

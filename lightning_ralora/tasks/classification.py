@@ -18,11 +18,11 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..adapters.schema import is_int, pos_int
-from ..data.datamodule import ListDataModule
-from ..data.tokenizer import load_tokenizer
-from .base import Task
-from .text_data import EncodedText, check_data_source, tokenizer_key
+from lightning_ralora.adapters.schema import is_int, pos_int
+from lightning_ralora.data.datamodule import ListDataModule
+from lightning_ralora.data.tokenizer import load_tokenizer
+from lightning_ralora.tasks.base import Task
+from lightning_ralora.tasks.text_data import EncodedText, check_data_source, tokenizer_key
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def eos_pooled(model_cfg: Mapping[str, Any]) -> bool:
     if model_cfg.get("config"):
         model_type = dict(model_cfg["config"]).get("model_type")
     elif model_cfg.get("pretrained"):
-        from ..modules.backbone import load_config
+        from lightning_ralora.modules.backbone import load_config
 
         model_type = load_config(model_cfg).model_type
     else:

@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapters.inject import find_targets
-from ..adapters.schema import is_int, pos_number
-from ..data.datamodule import BuiltInSetup, ListDataModule
-from ..rank.spectra import effective_rank
-from .base import Task
-from .planted_profiles import (
+from lightning_ralora.adapters.inject import find_targets
+from lightning_ralora.adapters.schema import is_int, pos_number
+from lightning_ralora.data.datamodule import BuiltInSetup, ListDataModule
+from lightning_ralora.rank.spectra import effective_rank
+from lightning_ralora.tasks.base import Task
+from lightning_ralora.tasks.planted_profiles import (
     PROFILES,
     ceiling,
     ceiling_panel,
@@ -227,6 +227,6 @@ class PlantedTask(Task):
     def _adapter_layers(self) -> dict[str, Any]:
         if self.student is None:
             return {}
-        from ..adapters import AdapterLayer
+        from lightning_ralora.adapters import AdapterLayer
 
         return {n: m for n in self.planted if isinstance(m := self.student.get_submodule(n), AdapterLayer)}

@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..adapters.schema import pos_int
-from ..data.datamodule import ListDataModule
-from ..data.tokenizer import encode_prompt, load_tokenizer, special_affixes
-from ..templates import TEMPLATES, render_prompt
-from .base import Task
-from .text_data import EncodedText, check_data_source, tokenizer_key
+from lightning_ralora.adapters.schema import pos_int
+from lightning_ralora.data.datamodule import ListDataModule
+from lightning_ralora.data.templates import TEMPLATES, render_prompt
+from lightning_ralora.data.tokenizer import encode_prompt, load_tokenizer, special_affixes
+from lightning_ralora.tasks.base import Task
+from lightning_ralora.tasks.text_data import EncodedText, check_data_source, tokenizer_key
 
 IGNORE = -100
 

@@ -1,0 +1,1 @@
+"""What runs are read into: paper tables, run comparisons, GID profiles, memory plans, the published numbers."""

@@ -1,0 +1,374 @@
+"""Cluster runs: stop on a signal, requeue under SLURM, resume of a requeued job, the Hydra+DDP launcher guard and
+the sweep objective (docs/cluster.md).
+
+SIGTERM (SLURM's cancel, time limit, preemption), SIGINT and SIGUSR1 stop a run at its next safe point: it saves
+`<run_dir>/checkpoints/last.ckpt`, records itself (status `interrupted`) and exits 128 + the signal. Inside SLURM,
+SIGUSR1 (`#SBATCH --signal=USR1@90`, or submitit's preemption signal) also writes `<run_dir>/requeue.json` and
+requeues the job (status `requeued`); the requeued job (same command, same run_dir) finds the marker and resumes
+from that checkpoint with its plan, schedules and W&B run: the same code path as `ckpt_path=last`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from lightning_ralora.io import write_json_atomic
+from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.run.rundir import AtomicCheckpointIO
+
+REQUEUE_MARKER = "requeue.json"  # <run_dir>/requeue.json: written on the signal, removed when the resumed fit ends
+REQUEUE_CMD_ENV = "LIGHTNING_RALORA_REQUEUE_CMD"  # shell command; {job_id} is replaced by the SLURM job id
+DEFAULT_REQUEUE_CMD = "scontrol requeue {job_id}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stop on signal: SIGTERM, SIGINT, SIGUSR1 (requeue under SLURM)
+# --------------------------------------------------------------------------------------------------------------
+def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
+    """The id `scontrol requeue` takes: `<array job>_<task>` for an array task, else SLURM_JOB_ID (None outside)."""
+    env = os.environ if env is None else env
+    if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
+        return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    return env.get("SLURM_JOB_ID")
+
+
+def requeue_enabled(env: Mapping[str, str] | None = None) -> bool:
+    """Requeue handling is on inside a SLURM job or when LIGHTNING_RALORA_REQUEUE_CMD names a requeue command."""
+    env = os.environ if env is None else env
+    return bool(slurm_job_id(env) or env.get(REQUEUE_CMD_ENV))
+
+
+def requeue_signals(env: Mapping[str, str] | None = None) -> list[signal.Signals]:
+    """SIGUSR1, plus submitit's preemption signal (SUBMITIT_PREEMPT_SIGNAL, default USR2) in a submitit SLURM job."""
+    env = os.environ if env is None else env
+    signals = [signal.SIGUSR1]
+    if env.get("SUBMITIT_EXECUTOR") == "slurm":
+        extra = getattr(signal, "SIG" + env.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        if extra is not None and extra not in signals:
+            signals.append(extra)
+    return signals
+
+
+def stop_signals() -> list[signal.Signals]:
+    """The signals that stop a run at its next safe point: SIGTERM (SLURM's cancel, time limit, preemption), SIGINT
+    (Ctrl+C) and the requeue signals."""
+    return list(dict.fromkeys([signal.SIGTERM, signal.SIGINT, *requeue_signals()]))
+
+
+class StopRequest:
+    """Process-wide: the first stop signal received (None until then) and the handlers it replaced."""
+
+    signum: signal.Signals | None = None
+    previous: dict[signal.Signals, Any] = {}  # noqa: RUF012 - process-wide state on purpose
+
+    @classmethod
+    def reset(cls) -> None:
+        cls.signum = None
+
+
+def _on_stop_signal(signum: int, _frame: Any) -> None:
+    """Only a flag (the checkpoint is saved at a consistent point); a second SIGINT stops at once."""
+    sig = signal.Signals(signum)
+    if StopRequest.signum is None:
+        StopRequest.signum = sig
+        print(f"received {sig.name}: stopping at the next safe point (checkpoint, record); Ctrl+C again stops at "
+              "once", file=sys.stderr, flush=True)  # fmt: skip
+    elif sig == signal.SIGINT:
+        raise KeyboardInterrupt
+
+
+def install_stop_handlers() -> None:
+    """Route the stop signals to `_on_stop_signal` (main thread only; again after Lightning composes its own SIGTERM
+    handler at the start of fit, so ours decides)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in stop_signals():
+        current = signal.getsignal(sig)
+        if current is not _on_stop_signal:
+            StopRequest.previous.setdefault(sig, current)
+            signal.signal(sig, _on_stop_signal)
+
+
+def stop_agreed(strategy: Any = None) -> bool:
+    """Whether a stop was requested on any rank (a collective when a strategy spans several processes)."""
+    requested = StopRequest.signum is not None
+    if strategy is not None:
+        return bool(strategy.reduce_boolean_decision(requested, all=False))
+    return requested
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal at a safe point: what `train` reports and `run_job` records (status `interrupted`,
+    or `requeued` when the requeue signal came inside SLURM), with the phase, the step and the checkpoint saved."""
+
+    def __init__(self, phase: str, step: int | None = None, ckpt: str | None = None) -> None:
+        self.signum = StopRequest.signum or signal.SIGTERM
+        self.phase, self.step, self.ckpt = phase, step, ckpt
+        self.requeued = self.signum in requeue_signals() and requeue_enabled() and self.signum != signal.SIGTERM
+        at = f" at step {step}" if step is not None else ""
+        saved = f"; checkpoint {ckpt}" if ckpt else "; no checkpoint (nothing trained to keep)"
+        super().__init__(f"{self.signum.name} in {phase}{at}{saved}")
+
+    @property
+    def status(self) -> str:
+        return "requeued" if self.requeued else "interrupted"
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the shell's convention for a process ended by that signal."""
+        return 128 + int(self.signum)
+
+    def requeue(self) -> int:
+        """Requeue the job (a submitit job through submitit's own handler, which exits); the command's status."""
+        previous = StopRequest.previous.get(self.signum)
+        if callable(previous) and type(getattr(previous, "__self__", None)).__module__.startswith("submitit"):
+            previous(self.signum, None)  # submitit: checkpoint its submission, requeue (counted), exit
+        cmd_template = os.environ.get(REQUEUE_CMD_ENV) or DEFAULT_REQUEUE_CMD
+        job_id = slurm_job_id()
+        if job_id is None and REQUEUE_CMD_ENV not in os.environ:
+            print("requeue: not a SLURM job; run the same command again to resume", file=sys.stderr, flush=True)
+            return 0
+        cmd = cmd_template.format(job_id=job_id or "")
+        status = subprocess.run(cmd, shell=True, check=False).returncode
+        print(f"requeue: `{cmd}` exited with {status}", file=sys.stderr, flush=True)
+        return status
+
+
+def check_stop(phase: str, step: int | None = None) -> None:
+    """Raise Interrupted when a stop was requested (for loops outside Lightning's: the GID warm-up, evaluation);
+    this rank only, nothing saved: those phases are recomputed on resume."""
+    if StopRequest.signum is not None:
+        raise Interrupted(phase, step)
+
+
+def _save_last(trainer: L.Trainer) -> str:
+    """Save <run_dir>/checkpoints/last.ckpt (every rank takes part); atomic: a file through AtomicCheckpointIO, a
+    sharded directory written beside it and swapped in."""
+    ckpt = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
+    if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) and not _sharded(trainer):
+        trainer.save_checkpoint(ckpt)
+        return str(ckpt)
+    tmp = ckpt.with_name(".last.ckpt.stop-tmp")
+    trainer.save_checkpoint(tmp)
+    trainer.strategy.barrier("stop_checkpoint")
+    if trainer.is_global_zero:
+        _replace(tmp, ckpt)
+    trainer.strategy.barrier("stop_checkpoint_replaced")
+    return str(ckpt)
+
+
+def _sharded(trainer: L.Trainer) -> bool:
+    return bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    """Move a finished checkpoint (file or distributed-checkpoint directory) over the old one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.is_symlink() or (tmp.is_dir() and path.exists()):
+        path.unlink()
+    os.replace(tmp, path)
+
+
+class StopOnSignal(L.Callback):
+    """On SIGTERM, SIGINT or SIGUSR1 (and submitit's preemption signal), at the next safe point: in fit, after an
+    optimizer step, save `<run_dir>/checkpoints/last.ckpt` (atomically; mid-validation too) and raise `Interrupted`,
+    which `train.run_job` records (results.json or attempts/, status interrupted or requeued), then requeues the job
+    under SLURM and exits 128 + the signal. A requeued job (marker `requeue.json`) or `ckpt_path=last` resumes
+    exactly. Also saves last.ckpt when fit ends between periodic checkpoints, so `last` is the run's last step."""
+
+    def __init__(self) -> None:
+        self._step_before: int | None = None
+        self._saved_step: int | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        install_stop_handlers()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        install_stop_handlers()  # Lightning registered its SIGTERM handler just before: ours decides
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        install_stop_handlers()
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_before = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self._step_before:  # inside a gradient accumulation: not a resumable point
+            return
+        if stop_agreed(trainer.strategy):
+            self._stop(trainer, "fit")
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.sanity_checking or not stop_agreed(trainer.strategy):
+            return
+        if trainer.state.fn == "fit":  # validation inside fit: the weights are those of the last step
+            self._stop(trainer, "validation")
+        raise Interrupted("validation", trainer.global_step)  # the final validation: fit's last.ckpt is complete
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        savers = [cb for cb in trainer.checkpoint_callbacks if getattr(cb, "save_last", False)]
+        saved = {getattr(cb, "_last_global_step_saved", None) for cb in savers} | {self._saved_step}
+        if savers and trainer.global_step not in saved:
+            self._saved_step = trainer.global_step
+            _save_last(trainer)
+
+    def _stop(self, trainer: L.Trainer, phase: str) -> None:
+        ckpt = _save_last(trainer)
+        self._saved_step = trainer.global_step
+        stop = Interrupted(phase, trainer.global_step, ckpt)
+        if stop.requeued and trainer.is_global_zero:
+            marker = {"ckpt_path": ckpt, "global_step": trainer.global_step, "job_id": slurm_job_id()}
+            wandb_id = next((lg.version for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"), None)
+            write_json_atomic(Path(trainer.default_root_dir) / REQUEUE_MARKER, {**marker, "wandb_id": wandb_id})
+        trainer.strategy.barrier("stop_marker")
+        print(f"stop: saved {ckpt} at step {trainer.global_step}", file=sys.stderr, flush=True)
+        raise stop
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:  # the run got past its interruptions: a later job starts as configured
+            (Path(trainer.default_root_dir) / REQUEUE_MARKER).unlink(missing_ok=True)
+
+
+def stop_callbacks() -> list[L.Callback]:
+    """Every run stops cleanly on a signal: [StopOnSignal()]."""
+    return [StopOnSignal()]
+
+
+def slurm_plugins() -> list[Any]:
+    """Inside SLURM, Lightning's SLURM environment with its own auto-requeue off: StopOnSignal owns SIGUSR1."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# resume of a requeued job
+# --------------------------------------------------------------------------------------------------------------
+def requeued_ckpt(run_dir: str | Path) -> str | None:
+    """The checkpoint a requeued job resumes from (named by <run_dir>/requeue.json, if it exists), else None.
+    W&B continues the interrupted run through the run's stable id (identity.py), as for any resume."""
+    marker = Path(run_dir) / REQUEUE_MARKER
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ckpt = Path(info.get("ckpt_path") or Path(run_dir) / "checkpoints" / "last.ckpt")
+    return str(ckpt) if ckpt.exists() else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# launcher guard: no Lightning subprocess launcher inside a Hydra multirun
+# --------------------------------------------------------------------------------------------------------------
+def in_hydra_multirun() -> bool:
+    """True inside a job of a Hydra multirun (`-m`, or `hydra.mode=MULTIRUN`)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def external_launcher(env: Mapping[str, str] | None = None) -> bool:
+    """True when the ranks were started outside Lightning: SLURM tasks (SLURM_NTASKS > 1) or torchrun (LOCAL_RANK,
+    WORLD_SIZE)."""
+    env = os.environ if env is None else env
+    ntasks = env.get("SLURM_NTASKS", "1")
+    return (ntasks.isdigit() and int(ntasks) > 1) or "LOCAL_RANK" in env or "WORLD_SIZE" in env
+
+
+def _multi_process(trainer: Mapping[str, Any]) -> bool:
+    devices, nodes, strategy = trainer.get("devices", 1), trainer.get("num_nodes", 1), trainer.get("strategy")
+    if isinstance(strategy, Mapping):
+        strategy = str(strategy.get("_target_", ""))
+    # every multi-device strategy but spawn/fork ("auto" too: it picks DDP) starts its ranks by re-running sys.argv
+    parallel = not any(s in str(strategy).lower() for s in ("spawn", "fork", "notebook", "single"))
+    if isinstance(devices, str):
+        devices = len(devices.split(",")) if "," in devices else int(devices) if devices.lstrip("-").isdigit() else 1
+    many = devices == -1 or (len(devices) > 1 if isinstance(devices, (list, tuple)) else devices > 1)
+    return parallel and (many or (isinstance(nodes, int) and nodes > 1))
+
+
+def launcher_problems(
+    trainer: Mapping[str, Any], multirun: bool | None = None, env: Mapping[str, str] | None = None
+) -> list[str]:
+    """The Hydra+DDP problem, if any: a multi-process trainer in a Hydra multirun without an external launcher
+    (Lightning would re-launch `sys.argv` per rank, which re-runs the whole sweep)."""
+    multirun = in_hydra_multirun() if multirun is None else multirun
+    if not multirun or external_launcher(env) or not _multi_process(trainer):
+        return []
+    return [
+        f"trainer.devices={trainer.get('devices')!r}, trainer.num_nodes={trainer.get('num_nodes', 1)!r} with "
+        f"trainer.strategy={trainer.get('strategy')!r} cannot run inside a Hydra multirun (-m): Lightning would "
+        "re-launch the sweep once per rank. Launch one task per device instead: hydra/launcher=submitit_slurm "
+        "(SLURM), srun or torchrun (docs/cluster.md), or run the jobs one by one without -m"
+    ]
+
+
+def check_launcher(trainer: Mapping[str, Any], multirun: bool | None = None, env: Mapping[str, str] | None = None):
+    """Raise ConfigError with `launcher_problems`, if any."""
+    problems = launcher_problems(trainer, multirun, env)
+    if problems:
+        raise ConfigError(problems)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sweep objective
+# --------------------------------------------------------------------------------------------------------------
+def task_objective(task: str | type | Mapping[str, Any]) -> tuple[str, str]:
+    """(metric, "maximize"|"minimize") of a task: a task config's `objective` node, else the class attribute."""
+    from lightning_ralora.tasks import TASKS
+
+    if isinstance(task, Mapping):
+        node = task.get("objective")
+        if node:
+            return str(node["metric"]), str(node["direction"])
+        task = task["name"]
+    cls = TASKS[task] if isinstance(task, str) else task
+    return cls.objective
+
+
+def objective_value(task: str | type | Mapping[str, Any], final_metrics: Mapping[str, float]) -> float:
+    """The value a sweep optimises: the task's objective metric from results.json's final_metrics (NaN, which
+    Optuna records as a failed trial, when the run did not log it)."""
+    metric, _ = task_objective(task)
+    if metric not in final_metrics:
+        print(f"objective: {metric} was not logged; got {sorted(final_metrics)}", file=sys.stderr, flush=True)
+        return float("nan")
+    return float(final_metrics[metric])
+
+
+__all__ = [
+    "DEFAULT_REQUEUE_CMD",
+    "REQUEUE_CMD_ENV",
+    "REQUEUE_MARKER",
+    "Interrupted",
+    "StopOnSignal",
+    "StopRequest",
+    "check_stop",
+    "install_stop_handlers",
+    "stop_agreed",
+    "stop_callbacks",
+    "stop_signals",
+    "check_launcher",
+    "external_launcher",
+    "in_hydra_multirun",
+    "launcher_problems",
+    "objective_value",
+    "requeue_enabled",
+    "requeue_signals",
+    "requeued_ckpt",
+    "slurm_job_id",
+    "slurm_plugins",
+    "task_objective",
+]
