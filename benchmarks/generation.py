@@ -1,6 +1,10 @@
 """Section 5: generation throughput (examples/s) of the evaluation decoder, `evaluation.generate.make_generate`, on
 the tiny Llama (conf/model/tiny_llama.yaml) with LoRA on every target: batch 1 against the configured batch (8),
-and merged (`merge_all`, the export form) against unmerged adapters at batch 8.
+and merged (`merge_all`, the export form) against unmerged adapters at batch 8. Outside `--quick`, also through a
+serving engine (`eval.backend=openai`, evaluation/serving.py): the merged model saved and served by `transformers
+serve` on 127.0.0.1 (its own process, as many torch threads as this one), the same prompts sent
+`ENDPOINT_CONCURRENCY` at a time (one request at a time reaches the model) and, with `--continuous-batching`, all at
+once; each against the fastest in-process batch of the merged model (8, or all prompts in one).
 
 Fixed prompts of varied length, a fixed number of new tokens (greedy; EOS disabled so every row decodes the full
 budget), no stop strings. Ratios are of examples/s, i.e. the inverse ratio of the times of one pass over the prompts.
@@ -9,8 +13,14 @@ budget), no stop strings. Ratios are of examples/s, i.e. the inverse ratio of th
 from __future__ import annotations
 
 import copy
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +32,14 @@ from benchmarks.common import Env, Figure, call_sampler, fmt_seconds, ratio_figu
 from benchmarks.variants import spec
 from lightning_ralora.adapters import adapter_layers, inject, merge_all
 from lightning_ralora.data.tokenizer import byte_tokenizer
+from lightning_ralora.evaluation.endpoint import EndpointError
 from lightning_ralora.evaluation.generate import make_generate
+from lightning_ralora.evaluation.serving import EndpointGenerate, client_of
 from lightning_ralora.run.compose import CONF_DIR
 
 BATCH = 8  # conf/eval/none.yaml's eval.batch_size
+ENDPOINT_CONCURRENCY = 8  # requests in flight (eval.concurrency); transformers serve without continuous batching
+SERVER_START_S = 180  # how long the server may take to list its model
 FULL = {"prompts": 32, "max_new_tokens": 32, "model": {}}
 QUICK = {
     "prompts": 8,
@@ -62,6 +76,47 @@ def tiny_llama(overrides: dict[str, Any], env: Env) -> tuple[nn.Module, Any, lis
     return model.to(env.device, env.dtype).eval(), tok, targets
 
 
+@contextmanager
+def served(
+    model: nn.Module, tok: Any, env: Env, continuous_batching: bool, concurrency: int
+) -> Iterator[tuple[EndpointGenerate | None, str]]:
+    """(an endpoint `generate` over `transformers serve` of `model`, "") for the block, or (None, why) when the
+    server cannot start here (the `serving` extra missing, no free port, a crash); the server is stopped after."""
+    with tempfile.TemporaryDirectory(prefix="bench-serve-") as folder:
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cli = Path(sys.executable).parent / "transformers"
+        args = [str(cli), "serve", folder, "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+        args += ["--device", "cuda" if env.cuda else "cpu"] + (["--continuous-batching"] if continuous_batching else [])
+        threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
+        with open(Path(folder) / "serve.log", "w") as log:
+            server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **threads})
+        try:
+            client = client_of({"base_url": f"http://127.0.0.1:{port}/v1", "model": folder})
+            deadline = time.monotonic() + SERVER_START_S
+            while server.poll() is None and time.monotonic() < deadline:
+                try:
+                    client.models()
+                    break
+                except EndpointError:
+                    time.sleep(0.5)
+            if server.poll() is not None or time.monotonic() >= deadline:
+                tail = (Path(folder) / "serve.log").read_text()[-300:].strip().splitlines()
+                yield None, f"transformers serve did not start ({tail[-1] if tail else 'no output'})"
+                return
+            yield EndpointGenerate(client, "transformers", tok, concurrency, progress=False), ""
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
 def _pass(generate: Callable[..., list[str]], texts: list[str], max_new_tokens: int) -> Callable[[], list[str]]:
     """One greedy pass over all prompts."""
     return lambda: generate(texts, max_new_tokens=max_new_tokens)
@@ -82,7 +137,8 @@ def _sampler(fn: Callable[[], Any], env: Env) -> Callable[[], float]:
 
 
 def run(env: Env) -> dict[str, Any]:
-    """Time batch 1, batch 8 and merged batch 8 (interleaved) and report the examples/s ratios."""
+    """Time batch 1, batch 8 and merged batch 8 (interleaved) and report the examples/s ratios; outside `--quick`
+    also merged batch-all and the endpoint without and with continuous batching, against the fastest merged batch."""
     sizes = QUICK if env.quick else FULL
     repeats = env.repeats.get("generation", 2 if env.quick else 7)
     texts, max_new = prompts(sizes["prompts"]), sizes["max_new_tokens"]
@@ -93,9 +149,22 @@ def run(env: Env) -> dict[str, Any]:
         f"batch{BATCH}": _pass(make_generate(model, tok, batch_size=BATCH, progress=False), texts, max_new),
         f"batch{BATCH}_merged": _pass(make_generate(merged, tok, batch_size=BATCH, progress=False), texts, max_new),
     }
-    completions = {name: fn() for name, fn in fns.items()}
-    sample = call_sampler if env.quick else _sampler  # quick: passes of a few ms, timed by torch's Timer
-    times = round_robin({name: sample(fn, env) for name, fn in fns.items()}, repeats)
+    notes = []
+    with ExitStack() as servers:
+        if env.quick:
+            notes.append("endpoint: not measured in --quick (starting transformers serve takes tens of seconds)")
+        else:
+            n = len(texts)
+            fns[f"batch{n}_merged"] = _pass(make_generate(merged, tok, batch_size=n, progress=False), texts, max_new)
+            for name, cb, concurrency in (("endpoint", False, ENDPOINT_CONCURRENCY), ("endpoint_cb", True, n)):
+                endpoint, why = servers.enter_context(served(merged, tok, env, cb, concurrency))
+                if endpoint is None:
+                    notes.append(f"{name}: not measured: {why}")
+                else:
+                    fns[name] = _pass(endpoint, texts, max_new)
+        completions = {name: fn() for name, fn in fns.items()}
+        sample = call_sampler if env.quick else _sampler  # quick: passes of a few ms, timed by torch's Timer
+        times = round_robin({name: sample(fn, env) for name, fn in fns.items()}, repeats)
     throughput = {name: len(texts) / summarize(t)["median"] for name, t in times.items()}
     sec, b = "generation", f"batch{BATCH}"
     where = f"generation ({len(texts)} prompts, {max_new} new tokens)"
@@ -119,14 +188,24 @@ def run(env: Env) -> dict[str, Any]:
             note="ratio of times unmerged / merged",
         ),
     ]
+    in_process = [name for name in times if name.startswith("batch") and name.endswith("_merged")]
+    best = min(in_process, key=lambda name: summarize(times[name])["median"])
+    served_as = {"endpoint": ("transformers serve", ENDPOINT_CONCURRENCY)}
+    served_as["endpoint_cb"] = ("transformers serve --continuous-batching", len(texts))
+    for name, (what, in_flight) in served_as.items():
+        if name in times:
+            label = f"{where}: examples/s {what} / in process ({best}), merged model"
+            note = f"ratio of times in process / endpoint; {in_flight} requests in flight"
+            figures.append(ratio_figure(f"generation/{name}_vs_in_process", sec, label, times, best, name, note=note))
     rates = ", ".join(f"{name} {rate:.1f}" for name, rate in throughput.items())
     one = fmt_seconds(summarize(times[b])["median"])
-    notes = [f"generation examples/s (median): {rates}; one batch-{BATCH} pass over the prompts takes {one}"]
+    notes.insert(0, f"generation examples/s (median): {rates}; one batch-{BATCH} pass over the prompts takes {one}")
     return {
         "config": {
             "prompts": len(texts),
             "max_new_tokens": max_new,
             "batch_size": BATCH,
+            "endpoint_concurrency": ENDPOINT_CONCURRENCY,
             "repeats": repeats,
             "model": {k: v for k, v in model.config.to_dict().items() if k in ("hidden_size", "num_hidden_layers")},
             "adapter": "lora on " + ",".join(targets),
@@ -134,7 +213,7 @@ def run(env: Env) -> dict[str, Any]:
             "greedy": True,
         },
         "examples_per_s": throughput,
-        # batching and merging should not change greedy decoding (up to float rounding on near-ties)
+        # batching, merging and serving should not change greedy decoding (up to float rounding on near-ties)
         "same_completions": {name: c == completions["batch1"] for name, c in completions.items()},
         "raw": {name: summarize(t) for name, t in times.items()},
         "figures": figures,

@@ -195,63 +195,6 @@ def run(env: Env, rss: bool | None = None) -> dict[str, Any]:
     return {"config": {"variants": list(VARIANTS), "steps": STEPS}, "raw": raw, "figures": figures, "notes": notes}
 
 
-def saved_bytes(fn: Any, exclude: set[int]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while `fn` runs (storages in `exclude`, the
-    parameters', left out): the activation memory a layer holds until its backward."""
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-def activation_memory(env: Env) -> tuple[dict[str, Any], list[Figure]]:
-    """Saved activations of one adapted 8B-shape layer per variant against our LoRA (and the frozen floor), and
-    what checkpointing GraLoRA's update (recomputing its k× larger intermediate in backward) gives back."""
-    from torch.utils.checkpoint import checkpoint
-
-    from benchmarks.paper import LAYER_VARIANTS, LLAMA, TOKENS, build_layer
-
-    shapes = {"tiny 32→32": (32, 32)} if env.quick else {f"LLaMA-8B {k}": LLAMA[k] for k in ("gate/up", "down")}
-    tokens, r = (16, 8) if env.quick else (TOKENS[env.device.type], 16)
-    raw: dict[str, Any] = {}
-    figures: list[Figure] = []
-    for name, (n_in, n_out) in shapes.items():
-        torch.manual_seed(0)
-        base = nn.Linear(n_in, n_out, bias=False).to(env.device, env.dtype).requires_grad_(False)
-        x = torch.randn(tokens, n_in, device=env.device, dtype=env.dtype, requires_grad=True)
-        got: dict[str, int] = {}
-        for v in LAYER_VARIANTS:
-            layer = build_layer(v, base, r).train()
-            params = {t.untyped_storage().data_ptr() for t in [*layer.parameters(), *layer.buffers()]}
-            got[v] = saved_bytes(lambda layer=layer, x=x: layer(x), params)
-            if v == "gralora":
-                got["gralora_ckpt"] = saved_bytes(
-                    lambda layer=layer, x=x: layer.base(x) + checkpoint(layer.update, x, use_reentrant=False),
-                    params,
-                )
-        raw[name] = {"tokens": tokens, "r": r, "saved_bytes": got}
-        for v in [*LAYER_VARIANTS[2:], "gralora_ckpt"]:
-            ratio = got[v] / got["lora"]
-            extra = (got[v] - got["floor"]) / max(1, got["lora"] - got["floor"])
-            figures.append(
-                Figure(
-                    f"paper/memory/{name}/{v}_vs_lora",
-                    "paper",
-                    f"activations {name} r={r}, {tokens} tokens: {v} / our LoRA (saved for backward)",
-                    {**summarize([ratio]), "ratio_of_medians": ratio},
-                    note=f"above the floor: {extra:.2f}× LoRA's {(got['lora'] - got['floor']) / 2**20:.2f} MiB",
-                )
-            )
-    return raw, figures
-
-
 def _worker(argv: list[str] | None = None) -> None:
     """Subprocess entry: build one variant, train STEPS steps, print its RSS figures as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__)

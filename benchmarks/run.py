@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Env, Figure, pick_env
-from benchmarks.report import TARGETS, markdown, write
+from benchmarks.common import TARGETS, Env, Figure, pick_env
+from benchmarks.report import markdown, write
 
 SECTIONS = ("layer", "step", "schedules", "memory", "generation", "paper")
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.run.validate import validate_config
 from tests.conftest import make_cfg, run_cli
 

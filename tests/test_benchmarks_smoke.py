@@ -19,8 +19,8 @@ def test_quick_suite_writes_every_section_and_target(
 ) -> None:
     """`benchmarks.run.main` with the CLI's --quick arguments, in this process (the suite's imports are mostly the
     test session's already); the global state it sets (threads, log levels, the bench task) is put back."""
+    from benchmarks.common import TARGETS
     from benchmarks.harness import BenchLMTask
-    from benchmarks.report import TARGETS
     from benchmarks.run import SECTIONS, main
     from lightning_ralora.tasks import TASKS
 

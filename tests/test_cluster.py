@@ -15,16 +15,10 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from lightning_ralora.run.cluster import (
-    launcher_problems,
-    objective_value,
-    requeue_enabled,
-    requeued_ckpt,
-    slurm_job_id,
-    task_objective,
-)
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.core.signals import requeue_enabled, slurm_job_id
+from lightning_ralora.run.cluster import launcher_problems, objective_value, requeued_ckpt, task_objective
 from lightning_ralora.run.compose import CONF_DIR
-from lightning_ralora.run.errors import ConfigError
 from lightning_ralora.run.validate import validate_config
 from lightning_ralora.tasks import TASKS
 from tests.conftest import make_cfg

@@ -14,7 +14,7 @@ from torch import nn
 
 from lightning_ralora.callbacks.divergence import Diverged, DivergenceGuard
 from lightning_ralora.modules.adapter_module import AdapterModule, read_plan
-from lightning_ralora.run.job import train
+from lightning_ralora.run.job import run_job, train
 from tests.conftest import make_cfg
 
 NAN_FROM = 5  # the planted NaN appears at global_step 5 (steps 0-4 are finite)
@@ -124,11 +124,9 @@ def test_guard_off_lets_nan_through(tmp_path: Path, nan_from_step: int):
 
 
 def test_diverged_run_records_status(tmp_path: Path, nan_from_step: int):
-    """`train.run_job` writes results.json with status diverged and exits 1 in a single run."""
-    from lightning_ralora.run.job import train as train_mod
-
+    """`run_job` writes results.json with status diverged and exits 1 in a single run."""
     with pytest.raises(SystemExit) as exit_:
-        train_mod.run_job(diverging_cfg(tmp_path))
+        run_job(diverging_cfg(tmp_path))
     assert exit_.value.code == 1
     record = json.loads((tmp_path / "results.json").read_text())
     assert record["status"] == "diverged" and record["diverged_at_step"] == nan_from_step

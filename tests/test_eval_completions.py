@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from lightning_ralora.cli.eval import main as eval_main
+from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.evaluation.runner import prepare, prepare_training_eval
-from lightning_ralora.run.errors import ConfigError
 from lightning_ralora.run.rehearsal import rehearsal_data
 from tests.conftest import make_cfg
 from tests.helpers import StubJudge, serve_judge

@@ -13,12 +13,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from lightning_ralora.adapters import ADAPTER_CLASSES
-from lightning_ralora.modules.adapter_module import spec_from_cfg
+from lightning_ralora.adapters.attach import attachment
+from lightning_ralora.adapters.registry import spec_from_cfg
+from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.rank.estimate import GIDStat
 from lightning_ralora.rank.rules import build_ralora_plan
 from lightning_ralora.run.catalog import sweep_configs
 from lightning_ralora.run.compose import compose_config
-from lightning_ralora.run.errors import ConfigError
 from lightning_ralora.run.methods import apply_method_settings
 from lightning_ralora.run.validate import validate_config
 
@@ -49,17 +50,8 @@ def built_scaling(adapter: DictConfig) -> float:
     a: dict[str, Any] = OmegaConf.to_container(adapter, resolve=True)
     torch.manual_seed(0)
     lin = nn.Linear(64, 64)
-    if a["kind"] == "peft":  # as AdapterModule._apply_peft builds it
-        from peft import LoraConfig, get_peft_model
-
-        peft_cfg = LoraConfig(
-            r=int(a["r"]),
-            lora_alpha=float(a["alpha"]),
-            lora_dropout=float(a.get("dropout", 0.0)),
-            target_modules=["0"],
-            **dict(a.get("peft") or {}),
-        )
-        model = get_peft_model(nn.Sequential(lin), peft_cfg)
+    if a["kind"] == "peft":  # the peft variant's own attachment, as AdapterModule.configure_model calls it
+        model = attachment("peft").attach(nn.Sequential(lin), ["0"], [], a, None)
         return float(model.base_model.model[0].scaling["default"])
     if a["kind"] == "ralora":  # the plan the GID warm-up would build (erank = r: one block, the scale is the point)
         stat = GIDStat(erank=float(a["r"]), importance=1.0, sigma=torch.ones(1), grad_norm=1.0, shape=(64, 64))

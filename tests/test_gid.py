@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ralora.adapters import RaLoRALinear, adapter_layers, inject
+from lightning_ralora.adapters import RaLoRAConfig, RaLoRALinear, adapter_layers, inject
 from lightning_ralora.adapters.plan import AdapterPlan
 from lightning_ralora.adapters.registry import check_adapter
 from lightning_ralora.callbacks.gid_warmup import GIDWarmup, rank_shard
@@ -264,6 +264,21 @@ def test_ralora_pro_and_ls_lora_share_ranks() -> None:
     # per-layer scale option
     per_layer = build_ralora_plan(STATS, SHAPES, _cfg("ralora_pro", scale="alpha/r_l", **cfg))
     assert all(x.spec.scale == pytest.approx(16 / x.spec.r) for x in per_layer.entries.values())
+
+
+@pytest.mark.parametrize(
+    ("scale", "uniform", "gid"),
+    [("alpha/r_ref", 2.0, 2.0), ("alpha/r_l", None, 8.0), (None, None, None), (3.0, 3.0, 3.0)],
+)
+def test_one_scale_rule_for_the_uniform_and_the_gid_plan(scale, uniform, gid) -> None:
+    """RaLoRAConfig.layer_scale is the scale of both plans: alpha/r_ref (16/8); alpha/r_l at the layer's rank (a
+    uniform plan leaves it to the layer's own alpha/r); null; a number."""
+    cfg = RaLoRAConfig(name="ralora", r=4, r_ref=8, alpha=16, scale=scale)
+    assert cfg.layer_scale() == uniform and cfg.to_spec().scale == uniform
+    assert cfg.layer_scale(2) == gid
+    if scale in ("alpha/r_ref", "alpha/r_l"):  # the scale rules a GID plan accepts
+        plan = build_ralora_plan(STATS, SHAPES, _cfg("ralora_pro", r_ref=8, alpha=16, scale=scale))
+        assert all(x.spec.scale == cfg.layer_scale(x.spec.r) for x in plan.entries.values())
 
 
 def test_plan_round_trip_builds_layers_with_formula_params() -> None:

@@ -10,9 +10,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_ralora.reporting.memory_plan import plan, sharding
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.reporting.memory_plan import estimate_memory, sharding
 from lightning_ralora.run.compose import compose_config
-from lightning_ralora.run.errors import ConfigError
 
 # the default tiny Llama scaled up so weights and activations are both measurable
 TINY = [
@@ -84,7 +84,7 @@ def measured_peak(overrides: list[str]) -> int:
 @pytest.mark.parametrize("adapter", ["lora", "full"])
 def test_peak_matches_a_measured_cpu_step(adapter: str) -> None:
     overrides = [*TINY, f"adapter={adapter}"]
-    predicted = plan(compose_config(overrides, run_dir="/tmp/unused"))["peak"]
+    predicted = estimate_memory(compose_config(overrides, run_dir="/tmp/unused"))["peak"]
     measured = measured_peak(overrides)
     assert abs(predicted - measured) / measured < 0.15, (adapter, predicted, measured)
 
@@ -93,11 +93,11 @@ def test_llama3_8b_offline_counts_and_sharding() -> None:
     """The shipped 8B config plans offline (ARCH table): LoRA r=8 on the 7 projections has 20,971,520 parameters;
     FSDP2 on 2 x 8 GPUs shards over 16, HSDP over one node's 8, DDP replicates."""
     base = ["experiment=sds_math_llama", "trainer=fsdp2", "trainer.devices=8", "trainer.num_nodes=2"]
-    lora = plan(compose_config([*base, "adapter=lora"], run_dir="/tmp/unused"))
+    lora = estimate_memory(compose_config([*base, "adapter=lora"], run_dir="/tmp/unused"))
     assert lora["params"]["adapter"] == 20_971_520 and lora["params"]["total"] == 8_030_261_248
     assert lora["sharding"]["shard"] == 16
     assert lora["bytes"]["frozen_weights"] == pytest.approx(8_030_261_248 * 2 / 16)
-    full = plan(compose_config([*base, "adapter=full"], run_dir="/tmp/unused"))
+    full = estimate_memory(compose_config([*base, "adapter=full"], run_dir="/tmp/unused"))
     assert full["bytes"]["optimizer_state"] == pytest.approx(2 * 8_030_261_248 * 2 / 16)
     assert (
         sharding({"devices": 8, "num_nodes": 2, "strategy": {"_target_": "x.FSDP2Strategy", "hsdp": True}})["shard"]
@@ -110,16 +110,16 @@ def test_gid_warmup_shards_its_fp32_sums_over_the_ranks() -> None:
     """One device holds every target's fp32 sum (26 GiB for LLaMA3-8B) beside the full model; 2 x 8 ranks hold
     each about 1/16 of them (at most one target more, the owner balance); load_on_rank0 puts them all on rank 0."""
     base = ["experiment=sds_math_llama", "adapter=ralora"]
-    one = plan(compose_config(base, run_dir="/tmp/unused"))
+    one = estimate_memory(compose_config(base, run_dir="/tmp/unused"))
     sums = one["params"]["targets"] * 4
     assert sums / 2**30 == pytest.approx(26.0, abs=0.1)
     assert one["gid_warmup"] > sums + one["params"]["total"] * 2
     many = [*base, "trainer=fsdp2", "trainer.devices=8", "trainer.num_nodes=2"]
-    sixteen = plan(compose_config(many, run_dir="/tmp/unused"))
+    sixteen = estimate_memory(compose_config(many, run_dir="/tmp/unused"))
     owned = sums - (one["gid_warmup"] - sixteen["gid_warmup"])  # the busiest rank's sums
     largest = 4096 * 14336 * 4  # gate/up_proj's fp32 sum
     assert sums / 16 <= owned <= sums / 16 + largest
-    rank0 = plan(compose_config([*many, "+model.load_on_rank0=true"], run_dir="/tmp/unused"))
+    rank0 = estimate_memory(compose_config([*many, "+model.load_on_rank0=true"], run_dir="/tmp/unused"))
     assert rank0["gid_warmup"] == one["gid_warmup"]
 
 
@@ -130,14 +130,14 @@ def test_gid_warmup_shards_its_fp32_sums_over_the_ranks() -> None:
 def test_bad_input_names_the_field(override: str, field: str) -> None:
     cfg = compose_config(["experiment=sds_math_llama", override], run_dir="/tmp/unused")
     with pytest.raises(ConfigError, match=field):
-        plan(cfg)
+        estimate_memory(cfg)
 
 
 def test_cli_writes_json(tmp_path, monkeypatch, capsys) -> None:
     import json
     import sys
 
-    from lightning_ralora.cli import plan_memory as memory_plan
+    from lightning_ralora.reporting.memory_plan import plan_memory as memory_plan
 
     monkeypatch.setattr(sys, "argv", ["lightning-ralora-plan-memory", f"hydra.run.dir={tmp_path}", "--json"])
     memory_plan.main()
@@ -152,7 +152,7 @@ def test_gid_warmup_prediction_matches_a_measured_cpu_warmup() -> None:
     from lightning_ralora.run.build import build_module
 
     overrides = [*TINY, "adapter=ralora"]
-    predicted = plan(compose_config(overrides, run_dir="/tmp/unused"))["gid_warmup"]
+    predicted = estimate_memory(compose_config(overrides, run_dir="/tmp/unused"))["gid_warmup"]
     torch.manual_seed(0)
     module = build_module(compose_config(overrides, run_dir="/tmp/unused"))
     batch = next(iter(module.task.datamodule().train_dataloader()))

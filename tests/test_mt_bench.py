@@ -25,7 +25,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_ralora.data.templates import render_prompt
-from lightning_ralora.evaluation.base import SUITES, EvalDataError, Example, read_rows
+from lightning_ralora.evaluation.base import SUITES, EvalConfigError, EvalDataError, Example, read_rows
 from lightning_ralora.evaluation.mt_bench import (
     JUDGE_PROMPTS,
     JUDGE_PROMPTS_FILE,
@@ -36,7 +36,7 @@ from lightning_ralora.evaluation.mt_bench import (
     parse_rating,
     render_two_turn,
 )
-from lightning_ralora.evaluation.runner import EvalConfigError, build_suite
+from lightning_ralora.evaluation.runner import build_suite
 from tests.helpers import StubJudge, serve_judge
 
 FIXTURES = Path(__file__).parent / "fixtures"

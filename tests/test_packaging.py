@@ -3,6 +3,7 @@ run/sweep directories, loggers and optimizer from `_target_` yamls, and a wheel 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from lightning_ralora.run.build import build_loggers, trainer_kwargs
+from lightning_ralora.run.catalog import experiments_dir
 from lightning_ralora.run.compose import CONF_DIR, compose_config
 from lightning_ralora.run.identity import identity_record
 
@@ -167,11 +169,13 @@ ADAPTERS_BEFORE = {  # conf/adapter/* as composed before the yamls inherited, re
 }
 
 
-def test_conf_dir_is_inside_the_package() -> None:
-    assert Path(CONF_DIR) == REPO / "lightning_ralora" / "conf"
-    assert (Path(CONF_DIR) / "config.yaml").is_file() and not (REPO / "conf").exists()
+def test_conf_and_experiments_are_top_level_folders_installed_into_the_package() -> None:
+    """The repository's conf/ and experiments/ are what an editable install reads (the wheel test checks the copy)."""
+    assert Path(CONF_DIR) == REPO / "conf" and (REPO / "conf" / "config.yaml").is_file()
+    assert not (REPO / "lightning_ralora" / "conf").exists()
+    assert experiments_dir() == REPO / "experiments"
     toml = (REPO / "pyproject.toml").read_text()
-    assert '"conf/**/*.yaml"' in toml  # package data: every yaml of every group ships in the wheel
+    assert '"lightning_ralora.conf" = ["*.yaml", "**/*.yaml"]' in toml  # every yaml of every group ships
 
 
 @pytest.mark.parametrize("name", sorted(ADAPTERS_BEFORE))
@@ -324,9 +328,16 @@ def test_user_config_directory_on_the_search_path(tmp_path: Path) -> None:
     assert cfg.experiment_name == "my_exp" and cfg.optim.lr == 1e-3
 
 
+def _data_files(folder: Path) -> set[str]:
+    """The yaml and markdown files below a folder, relative to it."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.suffix in (".yaml", ".md")}
+
+
 @pytest.mark.slow
-def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path) -> None:
-    """Build the wheel, install it into a plain directory and train from elsewhere: the configs come with it."""
+def test_wheel_outside_the_repo_runs_every_command(tmp_path: Path) -> None:
+    """The wheel, installed into a plain directory and run from elsewhere: it carries every yaml and card of conf/ and
+    experiments/, and its console scripts run the default job, compose an experiment (`--cfg job`), build a paper
+    table from a rehearsal run and score a completions file."""
     pip = [sys.executable, "-m", "pip"]
     build = subprocess.run(
         [*pip, "wheel", "--no-deps", "--no-build-isolation", str(REPO), "-w", str(tmp_path / "dist")],
@@ -339,33 +350,59 @@ def test_wheel_installs_and_trains_outside_the_repo(tmp_path: Path) -> None:
     site = tmp_path / "site"
     inst = subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], capture_output=True)
     assert inst.returncode == 0, inst.stderr[-3000:]
+    for folder in ("conf", "experiments"):  # the same files as the repository's folders, none left behind
+        assert _data_files(site / "lightning_ralora" / folder) == _data_files(REPO / folder)
     env = {**os.environ, "PYTHONPATH": str(site), "WANDB_MODE": "disabled"}
+
+    def command(name: str, *args: str) -> subprocess.CompletedProcess:
+        res = subprocess.run(
+            [str(site / "bin" / name), *args], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900
+        )
+        assert res.returncode == 0, f"{name} {args}: {res.stderr[-3000:]}"
+        return res
+
     where = subprocess.run(
-        [sys.executable, "-c", "import lightning_ralora.run.job as t; print(t.__file__); print(t.CONF_DIR)"],
+        [sys.executable, "-c", "import lightning_ralora.run.compose as c; print(c.__file__); print(c.CONF_DIR)"],
         capture_output=True,
         text=True,
         cwd=tmp_path,
         env=env,
     )
     module_file, conf_dir = where.stdout.split()
-    assert Path(module_file).is_relative_to(site) and Path(conf_dir).is_relative_to(site)
+    assert Path(module_file).is_relative_to(site) and Path(conf_dir) == site / "lightning_ralora" / "conf"
+
+    # the default job, as the quick start runs it
     run = tmp_path / "run"
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lightning_ralora.cli.train",
-            "debug=fast",
-            "trainer.max_steps=3",
-            f"hydra.run.dir={run}",
-        ],  # noqa: E501
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=env,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    res = command("lightning-ralora-train", f"hydra.run.dir={run}")
     results = json.loads((run / "results.json").read_text())
-    assert results["global_step"] == 3
+    assert results["status"] == "completed"
+    assert results["global_step"] == compose_config([], run_dir=run).trainer.max_steps
     assert f"results: {run / 'results.json'}" in res.stdout  # the end-of-run summary
+
+    # an experiment of a paper table, composed from the installed experiments/ folder
+    res = command("lightning-ralora-train", "experiment=ralora_glue_t5", "--cfg", "job")
+    shown = OmegaConf.create(res.stdout)
+    expected = compose_config(["experiment=ralora_glue_t5"], run_dir=run)
+    for key in ("experiment_name", "adapter.name", "model.name", "task.name", "optim.lr", "trainer.max_epochs"):
+        assert OmegaConf.select(shown, key) == OmegaConf.select(expected, key), key
+
+    # a paper table from a rehearsal run of its experiment
+    planted = tmp_path / "planted"
+    command("lightning-ralora-train", "experiment=planted_compare", "debug=rehearsal", f"hydra.run.dir={planted}")
+    command("lightning-ralora-tables", "--table", "planted_compare", "--out", str(tmp_path / "tables"), str(planted))
+    with (tmp_path / "tables" / "planted_compare.csv").open() as f:
+        rows = [row for row in csv.DictReader(f) if row["n_seeds"] == "1"]
+    variant = json.loads((planted / "results.json").read_text())["variant"]
+    assert {row["method"] for row in rows} == {variant} and {row["metric"] for row in rows} >= {"gap_closed", "kl"}
+
+    # a completions file scored without a model (the rehearsal's GSM8K fixture: Tom has i apples and buys 2)
+    data = tmp_path / "gsm8k.jsonl"
+    questions = [{"question": f"Tom has {i} apples and buys 2. How many?", "answer": f"#### {i + 2}"} for i in range(4)]
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    answers = [2, 4, 4, 5]  # the 2nd is wrong (1 + 2 = 3)
+    completions = tmp_path / "completions.jsonl"
+    completions.write_text("".join(json.dumps({"completion": f"So.\nThe answer is: {a}"}) + "\n" for a in answers))
+    scored = tmp_path / "scored"
+    command("lightning-ralora-eval", f"run_dir={scored}", "eval=gsm8k", f"eval.data_files={data}",
+            f"eval.completions={completions}")  # fmt: skip
+    assert json.loads((scored / "eval.json").read_text()) == {"gsm8k": {"accuracy": 0.75, "n": 4}}

@@ -20,10 +20,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from lightning_ralora.evaluation.base import EvalDataError
+from lightning_ralora.evaluation.base import EvalConfigError, EvalDataError
 from lightning_ralora.evaluation.commonsense import COMMONSENSE_SUITES, CommonsenseSuite
 from lightning_ralora.evaluation.generate import make_generate
-from lightning_ralora.evaluation.runner import EvalConfigError, prepare
+from lightning_ralora.evaluation.runner import prepare
 
 # ---------------------------------------------------------------------------------------------- the reference's rule
 # LLM-Adapters commonsense_evaluate.py, generate_prompt(instruction) without input (the prompt text is data)

@@ -17,8 +17,8 @@ import pytest
 
 from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.evaluation import GSM8KSuite, Math500Suite, MathSuite
-from lightning_ralora.evaluation.base import Example
-from lightning_ralora.evaluation.runner import EvalConfigError, build_suite
+from lightning_ralora.evaluation.base import EvalConfigError, Example
+from lightning_ralora.evaluation.runner import build_suite
 
 
 # ------------------------------------------------------------------------------------ reference helpers (re-derived)

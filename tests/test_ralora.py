@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from lightning_ralora.adapters import LoRALinear, RaLoRALinear
-from lightning_ralora.adapters.base import LayerSpec
+from lightning_ralora.adapters.schema import LayerSpec
 
 OUT, IN = 24, 32
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ from torch import nn
 
 import tests.test_adapter_contract as contract
 from lightning_ralora.adapters import ADAPTER_CLASSES, LayerSpec, inject
+from lightning_ralora.adapters.attach import INJECT, attachment, attachments
+from lightning_ralora.adapters.plan import uniform_plan
 from lightning_ralora.adapters.registry import (
     PLUGINS_ENV,
     VARIANTS,
@@ -28,9 +30,10 @@ from lightning_ralora.adapters.registry import (
     unregister_variant,
 )
 from lightning_ralora.adapters.schema import AdapterConfig, CallbackSpec
+from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.diagnostics.alignment import effective_gradient, layer_metrics
 from lightning_ralora.diagnostics.structure import block_terms
-from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.modules.backbone import block_module_names
 from lightning_ralora.run.validate import validate_config
 from tests.adapter_cases import CASES, IN, OUT, Case
 from tests.conftest import make_cfg, run_cli
@@ -89,7 +92,8 @@ def test_callbacks_come_from_the_config_as_lazy_import_paths() -> None:
 def test_adapters_import_no_lightning_hydra_or_diagnostics() -> None:
     code = (
         "import sys, lightning_ralora.adapters\n"
-        "bad = [m for m in ('lightning', 'hydra', 'lightning_ralora.diagnostics') if m in sys.modules]\n"
+        "bad = ('lightning', 'hydra', 'omegaconf', 'peft', 'lightning_ralora.diagnostics')\n"
+        "bad = [m for m in bad if m in sys.modules]\n"
         "assert not bad, bad"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -97,12 +101,8 @@ def test_adapters_import_no_lightning_hydra_or_diagnostics() -> None:
 
 
 def test_spec_from_cfg_is_the_registry_job() -> None:
-    from lightning_ralora.modules.adapter_module import spec_from_cfg as module_spec_from_cfg
-
     cfg = {"kind": "gralora", "name": "gralora", "r": 8, "k": 2, "hybrid_r": 4, "alpha": 24, "dropout": 0.0}
-    assert (
-        module_spec_from_cfg(cfg) == spec_from_cfg(cfg) == LayerSpec(kind="gralora", r=8, alpha=24.0, k=2, hybrid_r=4)
-    )
+    assert spec_from_cfg(cfg) == LayerSpec(kind="gralora", r=8, alpha=24.0, k=2, hybrid_r=4)
     # a uniform RaLoRA plan (no GID): n_blocks and the alpha/r_ref scale rule from the config
     ral = {"kind": "ralora", "name": "x", "r": 4, "r_ref": 8, "alpha": 16, "n_blocks": 2, "scale": "alpha/r_ref"}
     assert spec_from_cfg(ral) == LayerSpec(kind="ralora", r=4, alpha=16.0, n_blocks=2, scale=2.0)
@@ -133,6 +133,74 @@ def test_register_rejects_mismatched_or_duplicate_kinds(toy) -> None:
         register_variant("lora", toy.DiagLoRAConfig.__mro__[1])  # a different schema under a taken kind
     with pytest.raises(ValueError, match="unknown"):
         get_variant("no_such_kind")
+
+
+@dataclass
+class _BareConfig(AdapterConfig):
+    """A kind with neither a layer class nor an attachment."""
+
+    kind = "bare"
+
+
+def test_a_kind_without_layers_must_say_how_it_attaches() -> None:
+    with pytest.raises(ValueError, match="give attach="):
+        register_variant("bare", _BareConfig)
+    assert "bare" not in VARIANTS
+
+
+# --------------------------------------------------------------------------------------------------------------
+# how a variant meets the backbone (adapters/attach.py, full.py, peft_lora.py)
+# --------------------------------------------------------------------------------------------------------------
+def _two_linears() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, OUT), nn.ReLU(), nn.Linear(OUT, 3))
+    model.requires_grad_(False)
+    return model
+
+
+def test_full_and_peft_are_variants_carrying_their_attachment() -> None:
+    """The module, the memory plan and the alignment callback read these answers instead of the kind's name."""
+    assert all(attachment(k) is INJECT for k in BUILTIN_LAYER_KINDS)
+    assert INJECT.uses_plan and not INJECT.trains_backbone and INJECT.alignment == "adapter_layers"
+    full, peft = attachment("full"), attachment("peft")
+    assert VARIANTS["full"].attach is full and VARIANTS["peft"].attach is peft
+    assert full.trains_backbone and not full.uses_plan and full.alignment == "target_weights"
+    assert not peft.trains_backbone and not peft.uses_plan and peft.alignment == "none" and peft.alignment_note
+    assert attachments()[0] is INJECT and {full, peft} <= set(attachments())
+    model = _two_linears()
+    assert full.attach(model, ["0"], [], {"kind": "full"}, None) is model
+    assert all(p.requires_grad for p in model.parameters())
+    assert full.merge(model) is model and full.adapter_params(model, ["0"], {"kind": "full"}) == 0
+    with pytest.raises(NotImplementedError, match="sharded peft model"):
+        peft.rebuild(_two_linears(), ["0"], {"kind": "peft"}, None)
+    with pytest.raises(ValueError, match="unknown"):
+        attachment("no_such_kind")
+
+
+def test_inject_attachment_builds_the_plan_and_counts_its_parameters() -> None:
+    model = _two_linears()
+    cfg = {"kind": "lora", "name": "lora", "r": 4, "alpha": 8, "compile": True}
+    plan = uniform_plan(model, ["0"], spec_from_cfg(cfg), "lora")
+    INJECT.attach(model, ["0"], ["2"], cfg, plan)
+    layer = model[0]
+    assert layer.kind == "lora" and layer.compiled and model[2].weight.requires_grad
+    assert INJECT.b_side_parameters(model) == [layer.lora_B]
+    assert INJECT.merge(model)[0] is layer.base
+    assert INJECT.adapter_params(_two_linears(), ["0", "2"], cfg) == 4 * (IN + OUT) + 4 * (OUT + 3)
+    with pytest.raises(ValueError, match="from a plan"):
+        INJECT.attach(_two_linears(), ["0"], [], cfg, None)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_peft_attachment_counts_what_peft_trains(dora: bool) -> None:
+    """The memory plan's count of a peft adapter equals the trainable parameters of the model peft builds."""
+    cfg = {"kind": "peft", "name": "peft", "r": 4, "alpha": 8, "peft": {"use_dora": dora}}
+    peft = attachment("peft")
+    wrapped = peft.attach(_two_linears(), ["0"], [], cfg, None)
+    trained = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert peft.adapter_params(_two_linears(), ["0"], cfg) == trained == 4 * (IN + OUT) + dora * OUT
+    assert [tuple(p.shape) for p in peft.b_side_parameters(wrapped)] == [(OUT, 4)]
+    assert isinstance(peft.merge(wrapped)[0], nn.Linear)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -241,7 +309,7 @@ def test_toy_trains_from_the_cli(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# FSDP wrapping units (AdapterModule._shard)
+# FSDP wrapping units (AdapterModule._shard, modules.backbone.block_module_names)
 # --------------------------------------------------------------------------------------------------------------
 def _tiny(family: str) -> nn.Module:
     from transformers import RobertaConfig, RobertaForSequenceClassification, ViTConfig, ViTForImageClassification
@@ -255,8 +323,6 @@ def _tiny(family: str) -> nn.Module:
 
 @pytest.mark.parametrize(("family", "layer"), [("roberta", "RobertaLayer"), ("vit", "ViTLayer")])
 def test_fsdp_blocks_come_from_no_split_modules(family: str, layer: str) -> None:
-    from lightning_ralora.modules.adapter_module import block_module_names
-
     model = _tiny(family)
     names = block_module_names(model)
     assert layer in names  # the old class-name suffix heuristic missed these
@@ -266,8 +332,6 @@ def test_fsdp_blocks_come_from_no_split_modules(family: str, layer: str) -> None
 
 
 def test_fsdp_blocks_fall_back_to_the_class_name_heuristic() -> None:
-    from lightning_ralora.modules.adapter_module import block_module_names
-
     class MyBlock(nn.Module):
         def __init__(self) -> None:
             super().__init__()

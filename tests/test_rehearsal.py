@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_ralora.cli.tables import main as tables_main
-from lightning_ralora.reporting.tables import MISSING, TABLES
+from lightning_ralora.reporting.tables.render import MISSING
+from lightning_ralora.reporting.tables.spec import TABLES
 from lightning_ralora.run.catalog import sweep_configs
 from lightning_ralora.run.job import train
 from tests.conftest import make_cfg

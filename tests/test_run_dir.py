@@ -18,15 +18,10 @@ import lightning as L
 import pytest
 import torch
 
-from lightning_ralora.run.errors import ConfigError
-from lightning_ralora.run.rundir import (
-    RunLock,
-    checkpoint_problem,
-    lock_owner_stale,
-    newest_intact_checkpoint,
-    plan_start,
-    write_record,
-)
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.run.checkpoints import checkpoint_problem, newest_intact_checkpoint
+from lightning_ralora.run.record import write_record
+from lightning_ralora.run.rundir import RunLock, lock_owner_stale, plan_start
 
 FAST = ["debug=fast", "wandb.mode=disabled"]
 
@@ -86,8 +81,7 @@ def test_a_completed_record_is_never_replaced_by_a_failed_or_interrupted_attempt
 def test_a_sweep_summary_lists_its_own_jobs_only(tmp_path: Path, monkeypatch, capsys) -> None:
     """Two sweeps write into one multirun dir at the same time: each summary counts the jobs carrying its id, with
     each job's latest record (a job re-run by this sweep after another sweep's completed record: its own attempt)."""
-    from lightning_ralora.run.record import print_sweep_summary
-    from lightning_ralora.run.rundir import SWEEP_ID_ENV, records_of_sweep
+    from lightning_ralora.run.record import SWEEP_ID_ENV, print_sweep_summary, records_of_sweep
 
     for sweep, jobs in (("A", {"j1": "completed", "j2": "failed"}), ("B", {"j3": "completed", "j1": "failed"})):
         monkeypatch.setenv(SWEEP_ID_ENV, sweep)
@@ -288,7 +282,7 @@ mount -t tmpfs -o size={size}k tmpfs {mnt} || exit 3
 echo $? > {out}/first.rc
 {python} - <<'PY' > {out}/after_full.json
 import json, pathlib
-from lightning_ralora.run.rundir import checkpoint_problem
+from lightning_ralora.run.checkpoints import checkpoint_problem
 run = pathlib.Path("{mnt}/run")
 files = {{str(p.relative_to(run)): p.stat().st_size for p in run.rglob("*") if p.is_file()}}
 folder = run / "checkpoints"

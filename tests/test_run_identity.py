@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.run.compose import compose_config
-from lightning_ralora.run.errors import ConfigError
 from lightning_ralora.run.identity import IDENTITY_KEY, identity_changes, identity_record
 from lightning_ralora.run.job import run_job, train
 from lightning_ralora.run.tracking import run_names

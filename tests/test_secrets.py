@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_ralora.core.secrets import REDACTED, redact, redacted_argv
 from lightning_ralora.modules.adapter_module import read_plan
 from lightning_ralora.modules.backbone import trust_remote_code
 from lightning_ralora.run.compose import compose_config
 from lightning_ralora.run.job import train
-from lightning_ralora.run.secrets import REDACTED, redact, redacted_argv
 from lightning_ralora.run.tracking import wandb_mode
 from tests.conftest import make_cfg, run_cli
 

@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from lightning_ralora.reporting.published import published_cell
-from lightning_ralora.reporting.tables import TABLES
+from lightning_ralora.reporting.tables.spec import TABLES
 from lightning_ralora.run.catalog import sweep_configs, table_docs
 from lightning_ralora.run.methods import apply_method_settings
 from tests.conftest import make_cfg

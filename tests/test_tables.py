@@ -14,8 +14,11 @@ from typing import Any
 import pytest
 
 from lightning_ralora.cli.tables import main
-from lightning_ralora.reporting import tables
-from lightning_ralora.reporting.tables import CSV_HEADER
+from lightning_ralora.reporting.tables.build import build
+from lightning_ralora.reporting.tables.model import Cell
+from lightning_ralora.reporting.tables.render import CSV_HEADER, format_cell
+from lightning_ralora.reporting.tables.runs import Notes, select_runs
+from lightning_ralora.reporting.tables.spec import TABLES
 
 # the commonsense suites (eval.commonsense keys) and the SDS table's column ids, written out from the paper's Table 1
 SUITES = ("boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
@@ -157,11 +160,11 @@ def test_published_module_absent_means_no_published_values(
 
 
 def test_format_cell() -> None:
-    cell = tables.Cell(85.1, 0.214, 3)
-    assert tables.format_cell(cell, 85.42) == "85.10 ± 0.21 (85.42, −0.32)"
-    assert tables.format_cell(tables.Cell(85.1, None, 1), 84.0) == "85.10 (84.00, +1.10)"
-    assert tables.format_cell(cell, None) == "85.10 ± 0.21"
-    assert tables.format_cell(None, None) == "—"
+    cell = Cell(85.1, 0.214, 3)
+    assert format_cell(cell, 85.42) == "85.10 ± 0.21 (85.42, −0.32)"
+    assert format_cell(Cell(85.1, None, 1), 84.0) == "85.10 (84.00, +1.10)"
+    assert format_cell(cell, None) == "85.10 ± 0.21"
+    assert format_cell(None, None) == "—"
 
 
 def _one_line_exit_2(argv: list[str], capsys: pytest.CaptureFixture) -> str:
@@ -211,7 +214,7 @@ def test_glue_average_and_gralora_pivot(tmp_path: Path) -> None:
             res = {"variant": "lora", "model": "t5_base", "seed": seed, "config": cfg}
             res["eval"] = {"glue": {"score": 0.5 + 0.01 * i + 0.001 * seed, "n": 10}}
             (run / "results.json").write_text(json.dumps(res))
-    table = tables.build(tables.TABLES["ralora_glue"], [root])
+    table = build(TABLES["ralora_glue"], [root])
     row = table.cells[("t5_base", 8, "lora")]
     assert row["average"].mean == statistics.mean(row[t].mean for t in GLUE)
     assert row["average"].std is None and row["average"].n == 2
@@ -224,7 +227,7 @@ def test_glue_average_and_gralora_pivot(tmp_path: Path) -> None:
         res = {"variant": variant, "model": "llama3_8b", "seed": 0, "config": cfg}
         res["eval"] = {"humaneval_plus": {"pass@1": 0.4, "n": 164}}
         (run / "results.json").write_text(json.dumps(res))
-    md = tables.build(tables.TABLES["gralora_code"], [root]).markdown()
+    md = build(TABLES["gralora_code"], [root]).markdown()
     assert "| model | method | r = 16 | r = 32 |" in md
     assert "| llama3_8b | hybrid_gralora | 40.00 | — |" in md  # hybrid rank = r + hybrid_r = 16
 
@@ -249,7 +252,7 @@ def test_hybrid_ratio_columns(tmp_path: Path) -> None:
             "eval": {"glue": {"score": score}},
         }
         (run / "results.json").write_text(json.dumps(res))
-    cells = tables.build(tables.TABLES["gralora_hybrid_ratio"], [root]).cells
+    cells = build(TABLES["gralora_hybrid_ratio"], [root]).cells
     assert cells[("roberta_base", 16, "hybrid_gralora")]["hybrid=0%"].mean == pytest.approx(80.0)
     assert cells[("roberta_base", 16, "hybrid_gralora")]["hybrid=50%"].mean == pytest.approx(82.0)
     assert set(cells[("roberta_base", 16, "lora")]) == {"hybrid=100%"}
@@ -284,7 +287,7 @@ def test_sds_overhead_per_training_set_with_table6_beside(tmp_path: Path) -> Non
         res = {"variant": variant, "model": "llama3_8b", "seed": seed, "config": cfg, "fit_time_s": fit}
         res |= {"global_step": 100, "wall_time_s": 99.0, "peak_memory_bytes": memory}
         (run / "results.json").write_text(json.dumps(res))
-    table = tables.build(tables.TABLES["sds_overhead"], [root])
+    table = build(TABLES["sds_overhead"], [root])
     sds = table.cells[("llama3_8b", 8, "sds_lora")]
     expected = 100 * (statistics.mean([0.11, 0.122]) / statistics.mean([0.10, 0.12]) - 1)
     assert sds["metamathqa_time_overhead_pct"].mean == pytest.approx(expected)
@@ -298,8 +301,8 @@ def test_a_cell_mixing_configs_is_warned(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     for seed, digest in ((0, "aaaa1111"), (1, "bbbb2222")):
         write_run(root, f"lora{seed}", "lora", seed, accs(0.8), identity={"hash": digest})
-    notes = tables.Notes()
-    tables.select_runs(tables.TABLES["sds_commonsense"], sorted(root.rglob("results.json")), notes)
+    notes = Notes()
+    select_runs(TABLES["sds_commonsense"], sorted(root.rglob("results.json")), notes)
     assert any("mixes runs of 2 configs" in n and "aaaa1111" in n and "bbbb2222" in n for n in notes), list(notes)
 
 
@@ -314,7 +317,7 @@ def test_gid_table_from_lightning_ralora_gid_profiles(tmp_path: Path) -> None:
         cfg = make_cfg(run, ["experiment=ralora_gsm8k_llama", "debug=rehearsal", "adapter=ralora", f"seed={seed}"])
         profile_gid(cfg)
     profiles = [json.loads(p.read_text()) for p in sorted((tmp_path / "gid").rglob("gid_profile.json"))]
-    table = tables.build(tables.TABLES["ralora_gid"], [tmp_path / "gid"])
+    table = build(TABLES["ralora_gid"], [tmp_path / "gid"])
     cell = table.cells[("llama31_8b", 8, "ralora")]["gid_metamathqa"]
     means = [statistics.mean(layer["erank"] for layer in p["layers"].values()) for p in profiles]
     assert cell.n == 2 and cell.mean == pytest.approx(statistics.mean(means))

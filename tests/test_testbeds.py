@@ -14,8 +14,12 @@ from lightning_ralora.adapters import LayerSpec
 from lightning_ralora.adapters.registry import get_variant
 from lightning_ralora.modules.adapter_module import AdapterModule
 from lightning_ralora.reporting.gid_profile import profile_gid
-from lightning_ralora.reporting.tables import TABLES, Run, Table, aggregate, columns, rows
+from lightning_ralora.reporting.tables.aggregate import aggregate, columns, rows
+from lightning_ralora.reporting.tables.model import Run
+from lightning_ralora.reporting.tables.render import Table
+from lightning_ralora.reporting.tables.spec import TABLES
 from lightning_ralora.run.job import train
+from lightning_ralora.run.record import RunRecord
 from lightning_ralora.tasks.planted import PlantedTask
 from lightning_ralora.tasks.planted_profiles import best_size, ceiling, planted_update
 from tests.conftest import make_cfg
@@ -154,7 +158,7 @@ def test_ralora_wins_on_block_and_lora_on_decay(tmp_path: Path) -> None:
             for rec in res["task_summary"]["planted"].values():
                 assert rec["gap_closed"] <= rec["ceiling"] + 0.02
             gaps[adapter] = _by_profile(res, "gap_closed")
-            run = Run(tmp_path, res, 0.0, res["model"], 8, adapter, seed, "claims", "planted")
+            run = Run(tmp_path, RunRecord.from_dict(res), 0.0, res["model"], 8, adapter, seed, "claims", "planted")
             run.values = TABLES["claims"].extract(run)
             runs.append(run)
         assert gaps["ralora"]["block"] > gaps["lora"]["block"] + 0.05, gaps
@@ -206,7 +210,8 @@ def test_claims_table_shows_cos_per_cell_and_verdicts_as_words() -> None:
             ("lora", {"block": 0.3, "decay": 0.8, "flat": 0.4}, 0.5),
             ("ralora", {"block": 0.6, "decay": 0.5, "flat": 0.4 + 2 * eps}, 0.7 + eps),
         ):
-            run = Run(Path("x"), _results(method, gaps, cos), 0.0, "tiny", 8, method, seed, "claims", "planted")
+            record = RunRecord.from_dict(_results(method, gaps, cos))
+            run = Run(Path("x"), record, 0.0, "tiny", 8, method, seed, "claims", "planted")
             run.values = TABLES["claims"].extract(run)
             runs.append(run)
     cells = aggregate(TABLES["claims"], runs)
@@ -235,7 +240,7 @@ def test_oracle_table_shows_the_best_fixed_structure_beside_the_gid_pick() -> No
     ):
         res = _results(name, gaps, 0.5, "lora" if n == 1 else f"blocks{n}")
         res["config"]["adapter"]["needs_gid"] = not runs  # the first run is the GID-planned one
-        run = Run(Path("x"), res, 0.0, "tiny", 8, name, 0, "claims_oracle", "planted")
+        run = Run(Path("x"), RunRecord.from_dict(res), 0.0, "tiny", 8, name, 0, "claims_oracle", "planted")
         run.values = TABLES["claims_oracle"].extract(run)
         runs.append(run)
     assert [r.method for r in runs] == ["ralora", "ralora_n1", "ralora_n2", "ralora_n8"]

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ralora.adapters.base import AdapterLayer, BlockTerm, LayerSpec, kaiming_uniform_, single_term
+from lightning_ralora.adapters.base import AdapterLayer, BlockTerm, kaiming_uniform_, single_term
 from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
-from lightning_ralora.adapters.schema import LowRankConfig, doc, raise_problems
+from lightning_ralora.adapters.schema import LayerSpec, LowRankConfig, doc, raise_problems
 
 KIND = "diag_lora"
 

@@ -9,54 +9,14 @@ import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ralora.adapters.schema import pos_int, raise_problems
-
-
-@dataclass
-class LayerSpec:
-    """Everything needed to rebuild one adapter layer deterministically (a plan entry is one of these).
-
-    The serialised form of every variant's layer (plans in checkpoints and results.json). Only the fields a variant
-    uses matter to it; the rest keep their defaults. The named fields are those of the built-in variants (kept
-    first-class so old checkpoints and `LayerSpec(kind=..., r=..., n_blocks=...)` calls still work); a variant
-    registered later keeps its own per-layer fields in `extra` (written only when non-empty).
-    """
-
-    kind: str
-    r: int
-    alpha: float
-    dropout: float = 0.0
-    rslora: bool = False  # LoRA: s = alpha/sqrt(r) instead of alpha/r
-    n_blocks: int = 1  # RaLoRA: block-diagonal blocks
-    k: int = 1  # GraLoRA: k x k grid
-    hybrid_r: int = 0  # Hybrid GraLoRA: extra dense rank
-    scale: float | None = None  # explicit scale override (RaLoRA alpha/r_ref)
-    extra: dict[str, Any] = field(default_factory=dict)  # per-layer fields of variants registered later
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict (JSON-able); `extra` appears only when non-empty, so built-in specs serialise as before."""
-        out = asdict(self)
-        if not out["extra"]:
-            del out["extra"]
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LayerSpec:
-        """Inverse of `to_dict` (reads every dict written so far, with or without `extra`)."""
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"LayerSpec: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
-        data = dict(data)
-        data["extra"] = dict(data.get("extra") or {})
-        return cls(**data)
+from lightning_ralora.adapters.schema import LayerSpec
 
 
 @dataclass
@@ -355,8 +315,3 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec()
         return f"kind={s.kind}, r={s.r}, in={self.in_features}, out={self.out_features}, merged={self.merged}"
-
-
-def check_rank(r: int, field: str = "adapter.r") -> None:
-    """A rank is a positive int (kept for callers; the check itself is `schema.pos_int`)."""
-    raise_problems(pos_int(r, field))

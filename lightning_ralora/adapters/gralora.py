@@ -25,7 +25,6 @@ from torch.autograd.function import once_differentiable
 from lightning_ralora.adapters.base import (
     AdapterLayer,
     BlockTerm,
-    LayerSpec,
     autocast_dtype,
     eager_apply,
     kaiming_uniform_,
@@ -34,6 +33,7 @@ from lightning_ralora.adapters.base import (
 from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
 from lightning_ralora.adapters.schema import (
     CallbackSpec,
+    LayerSpec,
     LowRankConfig,
     doc,
     is_pos_int,

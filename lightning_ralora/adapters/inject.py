@@ -8,7 +8,9 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from lightning_ralora.adapters.base import AdapterLayer, LayerSpec
+from lightning_ralora.adapters.base import AdapterLayer
+from lightning_ralora.adapters.registry import LAYER_CLASSES
+from lightning_ralora.adapters.schema import LayerSpec
 
 SpecSource = LayerSpec | Mapping[str, LayerSpec] | Callable[[str, nn.Linear], LayerSpec]
 
@@ -95,6 +97,15 @@ def _check_entries(model: nn.Module, entries: list[str]) -> None:
             )
 
 
+def target_shapes(model: nn.Module, names: Iterable[str]) -> dict[str, tuple[int, int]]:
+    """{name: (out_features, in_features)} of the named linears (what plans and shape checks read)."""
+    shapes = {}
+    for name in names:
+        linear = model.get_submodule(name)
+        shapes[name] = (int(linear.out_features), int(linear.in_features))
+    return shapes
+
+
 def find_modules(model: nn.Module, patterns: Iterable[str] | str) -> list[str]:
     """Names of the modules (any type) matched by `patterns` with the target semantics, outermost only."""
     found: list[str] = []
@@ -121,8 +132,6 @@ def inject(
     `spec` is one LayerSpec for all targets, a {module name: LayerSpec} plan, or a callable. Adapter tensors are
     `dtype`, by default at least fp32 whatever the base dtype. Returns {qualified name: adapter layer} in model order.
     """
-    from lightning_ralora.adapters.registry import LAYER_CLASSES
-
     registry = LAYER_CLASSES if registry is None else registry
     targets = find_targets(model, target_modules)
     specs: dict[str, LayerSpec] = {}

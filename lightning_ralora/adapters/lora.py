@@ -1,4 +1,5 @@
-"""LoRA with rsLoRA scaling (docs/maths.md §1). LoRA+ is an optimizer-side change (see modules/optim)."""
+"""LoRA with rsLoRA scaling (docs/maths.md §1). LoRA+ is an optimizer-side change (`optimizer_groups` in
+modules/adapter_module.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from torch import nn
 from lightning_ralora.adapters.base import (
     AdapterLayer,
     BlockTerm,
-    LayerSpec,
     add_product,
     kaiming_uniform_,
     single_term,
 )
 from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
-from lightning_ralora.adapters.schema import LowRankConfig, doc, pos_number_or_none, raise_problems
+from lightning_ralora.adapters.schema import LayerSpec, LowRankConfig, doc, pos_number_or_none, raise_problems
 
 
 @dataclass

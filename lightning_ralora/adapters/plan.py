@@ -13,7 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from lightning_ralora.adapters.base import LayerSpec
+from lightning_ralora.adapters.schema import LayerSpec
+from lightning_ralora.core.io import write_json_atomic
 
 
 @dataclass
@@ -70,8 +71,6 @@ class AdapterPlan:
         )
 
     def save_json(self, path: str | Path) -> None:
-        from lightning_ralora.io import write_json_atomic
-
         write_json_atomic(path, self.to_dict())
 
     @classmethod

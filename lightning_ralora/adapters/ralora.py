@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_ralora.adapters.base import AdapterLayer, BlockTerm, LayerSpec, add_blocks, add_product, kaiming_uniform_
+from lightning_ralora.adapters.base import AdapterLayer, BlockTerm, add_blocks, add_product, kaiming_uniform_
 from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
 from lightning_ralora.adapters.schema import (
     CallbackSpec,
+    LayerSpec,
     LowRankConfig,
     doc,
     is_number,
@@ -28,7 +29,7 @@ from lightning_ralora.adapters.schema import (
     raise_problems,
 )
 
-PLAN_RULES = ("ralora", "ralora_pro", "ls_lora")  # adapter.name selects the GID plan rule (gid.build_ralora_plan)
+PLAN_RULES = ("ralora", "ralora_pro", "ls_lora")  # adapter.name: the GID plan rule (rank.rules.build_ralora_plan)
 SMOOTHINGS = ("sqrt", "none")
 SCALE_RULES = ("alpha/r_ref", "alpha/r_l")
 
@@ -91,13 +92,17 @@ class RaLoRAConfig(LowRankConfig):
             return []
         return [
             f"{self.f('n_blocks')}={nb} must divide both out_features={out_features} and in_features={in_features} "
-            "(the plan halves n_l until it does; see gid.fit_blocks)"
+            "(the plan halves n_l until it does; see rank.rules.fit_blocks)"
         ]
 
-    def layer_scale(self) -> float | None:
-        """The numeric scale of a uniform plan: alpha/r_ref, an explicit number, or None (alpha/r)."""
+    def layer_scale(self, r_l: int | None = None) -> float | None:
+        """The scale a layer of rank `r_l` gets under the `scale` rule, for the uniform plan (`to_spec`, r_l None)
+        and the GID plan (rank.rules.build_ralora_plan) alike: alpha/r_ref (r_ref null: r); alpha/r_l (a uniform
+        plan: None, the layer's own alpha/r); an explicit number; or None (alpha/r)."""
         if self.scale == "alpha/r_ref":
             return float(self.alpha) / float(self.r_ref if self.r_ref is not None else self.r)
+        if self.scale == "alpha/r_l" and r_l is not None:
+            return float(self.alpha) / float(r_l)
         if self.scale in (None, "alpha/r_l"):
             return None
         return float(self.scale)

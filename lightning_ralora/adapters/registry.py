@@ -1,17 +1,20 @@
 """The variant registry (as peft's `register_peft_method`): every adapter kind declares itself once.
 
-A variant is registered with `register_variant(kind, config=..., layer=..., benchmark=...)`:
+A variant is registered with `register_variant(kind, config=..., layer=..., benchmark=..., attach=...)`:
 
 - ``config``: its typed schema (an `AdapterConfig` dataclass with per-field docs) owning `validate()`, the per-layer
   `shape_problems(in, out)` (also run by the layer constructor), `to_spec()` (the uniform LayerSpec), `callbacks()`
   (Lightning callbacks as lazy import paths + kwargs) and `needs_plan`;
-- ``layer``: its AdapterLayer class (None for config-only kinds such as ``full`` and ``peft``), which owns its
+- ``layer``: its AdapterLayer class (None for the kinds that build none, ``full`` and ``peft``), which owns its
   B-side factors (`b_side`, for LoRA+) and its blockwise diagnostics terms (`block_terms`);
-- ``benchmark``: a small default spec (config kwargs) and a description for benchmarks/variants.py.
+- ``benchmark``: a small default spec (config kwargs) and a description for benchmarks/variants.py;
+- ``attach``: how it meets the backbone (an `Attachment`: train every weight, wrap with peft, ...); a
+  variant with a layer class leaves it None and is injected (`attach.INJECT`).
 
-Adding a variant is one adapter file (layer + config + `register_variant`), one yaml, one line in
-tests/adapter_cases.py. Out-of-tree variants are imported through `import_plugins` (``plugins`` config key or the
-``LIGHTNING_RALORA_PLUGINS`` environment variable, comma-separated module names).
+Adding a variant is one adapter file (layer + config + `register_variant`) imported by adapters/__init__.py, one
+yaml in conf/adapter/, one line in tests/adapter_cases.py: validation, the module, the memory plan and the
+callbacks ask the registry. Out-of-tree variants are imported through `import_plugins` (``plugins`` config key or the
+``LIGHTNING_RALORA_PLUGINS`` environment variable, comma-separated module names; tests/toy_variant.py is one).
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ import importlib
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
-from lightning_ralora.adapters.base import AdapterLayer, LayerSpec
-from lightning_ralora.adapters.schema import AdapterConfig, LowRankConfig, doc
+from torch import nn
+
+from lightning_ralora.adapters.base import AdapterLayer
+from lightning_ralora.adapters.plan import AdapterPlan
+from lightning_ralora.adapters.schema import AdapterConfig, LayerSpec
 
 PLUGINS_ENV = "LIGHTNING_RALORA_PLUGINS"
 
@@ -38,15 +44,62 @@ class BenchmarkEntry:
     prepare: Callable[[AdapterLayer, Any], None] | None = None
 
 
+class Attachment:
+    """How one kind of adapter meets a backbone. The class attributes say what the rest of the run may assume; the
+    methods do the work (`attach` for training, `rebuild` + `merge` for export, `adapter_params` for the memory plan).
+    """
+
+    name: ClassVar[str] = ""
+    # the layers are built from a per-target LayerSpec plan (AdapterPlan): GID callback, checkpoint or uniform config
+    uses_plan: ClassVar[bool] = False
+    # every backbone weight trains (full FT): checkpoints keep the whole state, the memory plan counts it trainable
+    trains_backbone: ClassVar[bool] = False
+    # where GradientAlignment reads the gradient G: adapter_layers | target_weights | none
+    alignment: ClassVar[str] = "adapter_layers"
+    alignment_note: ClassVar[str] = ""  # why GradientAlignment measures nothing (alignment "none")
+
+    def attach(
+        self,
+        backbone: nn.Module,
+        targets: list[str],
+        full_modules: list[str],
+        adapter_cfg: Mapping[str, Any],
+        plan: AdapterPlan | None,
+    ) -> nn.Module:
+        """Make `backbone` trainable as the variant says; returns the model to train (peft returns its wrapper).
+        `full_modules` (task head, fresh modules, model.trainable_modules) train in full beside the adapter."""
+        raise NotImplementedError
+
+    def rebuild(
+        self, skeleton: nn.Module, targets: list[str], adapter_cfg: Mapping[str, Any], plan: AdapterPlan | None
+    ) -> None:
+        """Give a fresh meta-device skeleton the trained model's structure, so a gathered (FSDP2) state dict loads."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """The plain backbone with the adapter folded into its weights (for export)."""
+        raise NotImplementedError
+
+    def b_side_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The B-side factors of this attachment's adapters in `model` (LoRA+ trains them at lr_ratio_B x lr)."""
+        return []
+
+    def adapter_params(self, skeleton: nn.Module, targets: list[str], adapter_cfg: Mapping[str, Any]) -> int:
+        """Trainable adapter parameters the config adds to `targets` of a meta-device skeleton (memory plan)."""
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
 class Variant:
-    """What one adapter kind is: its config schema, its layer class (if any) and its benchmark entry."""
+    """What one adapter kind is: its config schema, its layer class (if any), its benchmark entry and how it meets
+    the backbone (None: its layers are injected, `attach.INJECT`)."""
 
     kind: str
     config: type[AdapterConfig]
     layer: type[AdapterLayer] | None = None
     benchmark: BenchmarkEntry | None = None
     description: str = ""
+    attach: Attachment | None = None
 
     def parse(self, cfg: Mapping[str, Any]) -> AdapterConfig:
         """The typed config from a plain mapping (unknown keys ignored; see `check`)."""
@@ -67,8 +120,10 @@ def register_variant(
     benchmark: BenchmarkEntry | Mapping[str, Any] | None = None,
     description: str = "",
     replace: bool = False,
+    attach: Attachment | None = None,
 ) -> Variant:
-    """Register an adapter kind; a second registration of the same kind is an error unless `replace`."""
+    """Register an adapter kind; a second registration of the same kind is an error unless `replace`. A kind without
+    a layer class must say how it meets the backbone (`attach`)."""
     if not kind or not isinstance(kind, str):
         raise ValueError(f"register_variant: kind must be a non-empty string, got {kind!r}")
     if kind in VARIANTS and not replace and VARIANTS[kind].config is not config:
@@ -77,9 +132,12 @@ def register_variant(
         raise ValueError(f"register_variant: {config.__name__}.kind={config.kind!r} differs from kind={kind!r}")
     if layer is not None and layer.kind != kind:
         raise ValueError(f"register_variant: {layer.__name__}.kind={layer.kind!r} differs from kind={kind!r}")
+    if layer is None and attach is None:
+        raise ValueError(f"register_variant: kind {kind!r} has no layer class; give attach= (how it meets a backbone)")
     if benchmark is not None and not isinstance(benchmark, BenchmarkEntry):
         benchmark = BenchmarkEntry(config=dict(benchmark))
-    variant = Variant(kind, config, layer, benchmark, description or (config.__doc__ or "").strip().splitlines()[0])
+    description = description or (config.__doc__ or "").strip().splitlines()[0]
+    variant = Variant(kind, config, layer, benchmark, description, attach)
     VARIANTS[kind] = variant
     return variant
 
@@ -165,46 +223,6 @@ def import_plugins(cfg: Mapping[str, Any] | None = None) -> list[str]:
             raise ImportError(f"plugins: cannot import variant plugin module {name!r} ({err})") from err
     return names
 
-
-# --------------------------------------------------------------------------------------------------------------
-# config-only kinds: handled by AdapterModule, registered so validation is uniform
-# --------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FullConfig(AdapterConfig):
-    """Full fine-tuning: every backbone parameter trains (the reference for alignment metrics)."""
-
-    kind = "full"
-
-    def validate(self) -> list[str]:
-        """dtype as every kind; lr_ratio_B (LoRA+) is undefined here and must stay 1.0."""
-        problems = [p for p in super().validate() if not p.startswith(self.f("lr_ratio_B"))]
-        if self.lr_ratio_B != 1.0:
-            problems.append(
-                f"{self.f('lr_ratio_B')}={self.lr_ratio_B!r} is LoRA+ (a faster learning rate for the B-side "
-                "factors), undefined for full fine-tuning; remove it or set 1.0"
-            )
-        return problems
-
-
-@dataclass
-class PeftConfig(LowRankConfig):
-    """peft's LoRA family (LoRA, DoRA, PiSSA, ...) through `peft.LoraConfig`."""
-
-    kind = "peft"
-    peft: dict[str, Any] = doc("extra peft.LoraConfig fields (use_dora, init_lora_weights, ...)", None)
-
-    def validate(self) -> list[str]:
-        """Low-rank fields plus `peft` being a mapping of LoraConfig fields."""
-        problems = super().validate()
-        if self.peft is not None and not isinstance(self.peft, Mapping):
-            problems.append(f"{self.f('peft')} must be a mapping of peft.LoraConfig fields, got {self.peft!r}")
-        return problems
-
-
-register_variant("full", FullConfig)
-register_variant("peft", PeftConfig)
 
 __all__ = [
     "LAYER_CLASSES",

@@ -2,13 +2,14 @@
 
 Every check returns a list of problems (empty when fine), each naming the field as the user writes it
 (``adapter.r``, ``trainer.devices``, ...), so the layers (ValueError), the callbacks and the CLI (ConfigError) report
-the same sentence. Pure Python: no torch, Lightning, Hydra or transformers imports.
+the same sentence. Also the serialised form of one adapter layer (`LayerSpec`), which configs build and layers read.
+Pure Python: no torch, Lightning, Hydra or transformers imports.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 # --------------------------------------------------------------------------------------------------------------
@@ -93,6 +94,49 @@ def raise_problems(problems: list[str], prefix: str = "") -> None:
     """Raise one ValueError carrying every problem (nothing when the list is empty)."""
     if problems:
         raise ValueError(prefix + "; ".join(problems))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the per-layer spec
+# --------------------------------------------------------------------------------------------------------------
+@dataclass
+class LayerSpec:
+    """Everything needed to rebuild one adapter layer deterministically (a plan entry is one of these).
+
+    The serialised form of every variant's layer (plans in checkpoints and results.json). Only the fields a variant
+    uses matter to it; the rest keep their defaults. The named fields are those of the built-in variants (kept
+    first-class so old checkpoints and `LayerSpec(kind=..., r=..., n_blocks=...)` calls still work); a variant
+    registered later keeps its own per-layer fields in `extra` (written only when non-empty).
+    """
+
+    kind: str
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    rslora: bool = False  # LoRA: s = alpha/sqrt(r) instead of alpha/r
+    n_blocks: int = 1  # RaLoRA: block-diagonal blocks
+    k: int = 1  # GraLoRA: k x k grid
+    hybrid_r: int = 0  # Hybrid GraLoRA: extra dense rank
+    scale: float | None = None  # explicit scale override (RaLoRA alpha/r_ref)
+    extra: dict[str, Any] = field(default_factory=dict)  # per-layer fields of variants registered later
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (JSON-able); `extra` appears only when non-empty, so built-in specs serialise as before."""
+        out = asdict(self)
+        if not out["extra"]:
+            del out["extra"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerSpec:
+        """Inverse of `to_dict` (reads every dict written so far, with or without `extra`)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"LayerSpec: unknown field(s) {sorted(unknown)}; allowed: {sorted(known)}")
+        data = dict(data)
+        data["extra"] = dict(data.get("extra") or {})
+        return cls(**data)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -186,7 +230,7 @@ class AdapterConfig:
             if v > lim
         ]
 
-    def to_spec(self) -> Any:
+    def to_spec(self) -> LayerSpec:
         """The LayerSpec a uniform plan uses for every target (layer kinds only)."""
         raise TypeError(f"adapter.kind={self.kind!r} builds no adapter layers")
 
@@ -210,7 +254,7 @@ class LowRankConfig(AdapterConfig):
     compile: bool = doc("torch.compile each layer's update (our layer kinds; equal to eager within rounding)", False)
 
     def validate(self) -> list[str]:
-        """Base fields plus r > 0, alpha > 0, dropout in [0, 1), compile a bool (not with peft's layers)."""
+        """Base fields plus r > 0, alpha > 0, dropout in [0, 1), compile a bool."""
         problems = [
             *super().validate(),
             *pos_int(self.r, self.f("r")),
@@ -219,17 +263,13 @@ class LowRankConfig(AdapterConfig):
         ]
         if not isinstance(self.compile, bool):
             problems.append(f"{self.f('compile')} must be true or false, got {self.compile!r}")
-        elif self.compile and self.kind == "peft":
-            problems.append(f"{self.f('compile')}=true compiles our adapter layers; kind peft has none of them")
         return problems
 
     def rank_limits(self) -> dict[str, int]:
         """The rank r (for every low-rank kind: LoRA's r, GraLoRA's total r over its k x k blocks, RaLoRA's r)."""
         return {"r": self.r} if is_pos_int(self.r) else {}
 
-    def layer_spec(self, **variant_fields: Any) -> Any:
+    def layer_spec(self, **variant_fields: Any) -> LayerSpec:
         """The LayerSpec of this config: the shared fields plus the variant's own."""
-        from lightning_ralora.adapters.base import LayerSpec
-
         common = {"kind": self.kind, "r": int(self.r), "alpha": float(self.alpha), "dropout": float(self.dropout)}
         return LayerSpec(**common, **variant_fields)

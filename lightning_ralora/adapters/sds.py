@@ -28,14 +28,21 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from lightning_ralora.adapters.base import (
     AdapterLayer,
     BlockTerm,
-    LayerSpec,
     add_product,
     dense,
     kaiming_uniform_,
     single_term,
 )
 from lightning_ralora.adapters.registry import BenchmarkEntry, register_variant
-from lightning_ralora.adapters.schema import CallbackSpec, LowRankConfig, doc, nonneg_int, pos_int, raise_problems
+from lightning_ralora.adapters.schema import (
+    CallbackSpec,
+    LayerSpec,
+    LowRankConfig,
+    doc,
+    nonneg_int,
+    pos_int,
+    raise_problems,
+)
 
 
 @dataclass

@@ -8,7 +8,8 @@ On a logging step the callback attaches a `FullGradientCapture` to every adapter
 of the window's first micro-batch (so all `accumulate_grad_batches` micro-batches are captured), and in
 `on_before_optimizer_step` (gradients accumulated, DDP-averaged, not yet clipped) it averages G over ranks,
 divides out a fp16 GradScaler's scale, computes the metrics, logs them and detaches. Between logging steps no hook
-is registered. Full fine-tuning (adapter kind "full") needs no hook: G is each target's `weight.grad` and Ĝ = G.
+is registered. Where G comes from is the variant's attachment (`Attachment.alignment`): full fine-tuning needs no
+hook (G is each target's `weight.grad` and Ĝ = G); peft's layers are not measured.
 FSDP2: factors and gradients are gathered with `full_tensor()` (a collective, same order on every rank); untested.
 
 Cost: during a logging step one fp32 m x n G per measured layer is held until `on_before_optimizer_step` (all
@@ -29,7 +30,10 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
-from lightning_ralora.adapters import AdapterLayer, adapter_layers
+from lightning_ralora.adapters.attach import attachment
+from lightning_ralora.adapters.base import AdapterLayer
+from lightning_ralora.adapters.inject import adapter_layers
+from lightning_ralora.adapters.registry import VARIANTS, Attachment
 from lightning_ralora.callbacks._logging import log_event
 from lightning_ralora.diagnostics import METHODS, FullGradientCapture, effective_gradient, layer_metrics
 from lightning_ralora.diagnostics.structure import dense
@@ -42,6 +46,12 @@ def _kind(pl_module: L.LightningModule) -> str | None:
     if isinstance(cfg, Mapping):
         return cfg.get("kind")
     return getattr(cfg, "kind", None)
+
+
+def _attachment(pl_module: L.LightningModule) -> Attachment | None:
+    """How the module's adapter kind meets the backbone; None without a (registered) kind."""
+    kind = _kind(pl_module)
+    return attachment(kind) if kind in VARIANTS else None
 
 
 class GradientAlignment(L.Callback):
@@ -218,17 +228,18 @@ class GradientAlignment(L.Callback):
                     continue
                 out[name] = self.layer_measurement(name, layer, G)
             return out
-        if _kind(pl_module) == "full":
+        attach = _attachment(pl_module)
+        if attach is not None and attach.alignment == "target_weights":  # full fine-tuning
             for name, lin in self._full_targets(pl_module).items():
                 grad = dense(lin.weight.grad)
                 if grad is None:
                     continue
                 out[name] = self.layer_measurement(name, lin, grad.float())
             if not out:
-                self._warn_once("full", "GradientAlignment: full fine-tuning but no target weight has a gradient")
+                self._warn_once(attach.name, "GradientAlignment: full fine-tuning but no target weight has a gradient")
             return out
-        if _kind(pl_module) == "peft":
-            self._warn_once("peft", "GradientAlignment: peft adapters are not AdapterLayers; nothing is measured")
+        if attach is not None and attach.alignment == "none":
+            self._warn_once(attach.name, f"GradientAlignment: {attach.alignment_note}")
         else:
             self._warn_once("none", "GradientAlignment: no adapter layer (or `layers` matches none); nothing measured")
         return out

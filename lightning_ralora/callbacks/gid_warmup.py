@@ -17,13 +17,14 @@ import torch
 from lightning.pytorch.utilities import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_ralora.adapters.inject import target_shapes
 from lightning_ralora.adapters.plan import AdapterPlan
 from lightning_ralora.adapters.schema import pos_int, raise_problems
-from lightning_ralora.io import write_json_atomic
+from lightning_ralora.core.io import write_json_atomic
+from lightning_ralora.core.signals import Interrupted, stop_agreed
 from lightning_ralora.rank.estimate import estimate_gid, spearman, warmup_train_mode
 from lightning_ralora.rank.plots import plot_cumulative_energy, plot_gid
 from lightning_ralora.rank.rules import build_gralora_plan, build_ralora_plan, validate_ralora_cfg
-from lightning_ralora.run.cluster import Interrupted, stop_agreed
 
 
 def rank_shard(loader: Iterable[Any], rank: int, world: int, n: int) -> Iterator[Any]:
@@ -179,11 +180,7 @@ class GIDWarmup(L.Callback):
                 f"GID warm-up used {info.get('batches_total')} batches in total, fewer than "
                 f"adapter.gid_batches x world = {n} x {world}: the training dataloader is shorter"
             )
-        shapes = {}
-        for name in pl_module.targets:
-            lin = backbone.get_submodule(name)
-            shapes[name] = (int(lin.out_features), int(lin.in_features))
-        plan = self.build_plan(stats, shapes, cfg)
+        plan = self.build_plan(stats, target_shapes(backbone, pl_module.targets), cfg)
         plan.meta.update(
             gid_batches_total=info.get("batches_total"),
             gid_batch_size=seen.get("batch_size"),

@@ -25,6 +25,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
+from lightning_ralora.run.compose import CONF_DIR
+
 PROG = "lightning-ralora-train"
 GRAMMAR_URL = "https://hydra.cc/docs/advanced/override_grammar/basic/"
 
@@ -98,8 +100,6 @@ class _Composer:
         """The Hydra instance `hydra.main` in train.py would create for these arguments."""
         from hydra._internal.hydra import Hydra
         from hydra._internal.utils import create_automatic_config_search_path
-
-        from lightning_ralora.run.compose import CONF_DIR
 
         train_py = str(Path(CONF_DIR).parent / "train.py")
         search_path = create_automatic_config_search_path(train_py, None, args.config_path or CONF_DIR)

@@ -12,6 +12,12 @@ example in the suite's order ({"completion": ...}, {"completions": [...]} for n 
 FastChat's {"question_id", "choices": [{"turns": [...]}]} for MT-Bench), matched by `task_id` / `id` /
 `question_id` instead when the lines carry one. RUN needs no checkpoint and is created if missing; its saved config
 (results.json or the checkpoint), when there is one, gives the prompt template.
+
+`eval.backend=openai eval.base_url=URL eval.model=NAME` has a serving engine generate the completions (vLLM, SGLang,
+`transformers serve` serving RUN/export, the merged model `export=true` writes): the model is not loaded here, the
+run's tokenizer and template shape the prompts; `eval.concurrency` requests in flight, the key (if any) from the
+variable `eval.api_key_env` names. The endpoint is checked first (it answers and serves NAME). Recipes, SLURM
+included: docs/serving.md.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from typing import NoReturn
 
 from omegaconf import DictConfig
 
-from lightning_ralora.run.cluster import Interrupted, install_stop_handlers
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.core.signals import Interrupted, install_stop_handlers
 from lightning_ralora.run.compose import compose_config
-from lightning_ralora.run.errors import ConfigError
 from lightning_ralora.run.evaluate import EvalInputError, eval_groups, evaluate_run
 from lightning_ralora.run.rundir import claim
 

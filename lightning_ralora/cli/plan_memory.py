@@ -3,27 +3,32 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from lightning_ralora.reporting.memory_plan import plan_memory
+from lightning_ralora.reporting.memory_plan import plan_memory, table
 from lightning_ralora.run.compose import CONF_DIR, exit_on_config_error
 
 
-def _hydra_plan(cfg: DictConfig) -> None:
-
-    exit_on_config_error("lightning-ralora-plan-memory", plan_memory, cfg)
+def _hydra_plan(cfg: DictConfig, as_json: bool = False) -> None:
+    """One estimate, printed as the table (or as JSON with --json)."""
+    result = exit_on_config_error("lightning-ralora-plan-memory", plan_memory, cfg)
+    print(json.dumps(result, indent=2) if as_json else table(result))
 
 
 def main() -> None:
     """`lightning-ralora-plan-memory [overrides] [--json]`: the expected peak memory per GPU of a run config."""
 
-    global _AS_JSON
-    _AS_JSON = "--json" in sys.argv
+    as_json = "--json" in sys.argv
     sys.argv = [a for a in sys.argv if a != "--json"]
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_hydra_plan)()
+
+    def one_estimate(cfg: DictConfig) -> None:
+        _hydra_plan(cfg, as_json)
+
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(one_estimate)()
 
 
 if __name__ == "__main__":

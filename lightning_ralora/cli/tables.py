@@ -21,7 +21,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from lightning_ralora.reporting.tables import PROG, TABLES, TableInputError, build, upload_wandb, warn, write
+from lightning_ralora.reporting.tables.build import TableInputError, build
+from lightning_ralora.reporting.tables.render import upload_wandb, write
+from lightning_ralora.reporting.tables.runs import PROG, warn
+from lightning_ralora.reporting.tables.spec import TABLES
 
 
 def main(argv: Sequence[str] | None = None) -> int:

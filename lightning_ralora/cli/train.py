@@ -12,7 +12,8 @@ import hydra
 from omegaconf import DictConfig
 
 from lightning_ralora.cli.checks import exit_on_bad_command_line
-from lightning_ralora.run.cluster import install_stop_handlers, objective_value
+from lightning_ralora.core.signals import install_stop_handlers
+from lightning_ralora.run.cluster import objective_value
 from lightning_ralora.run.compose import CONF_DIR
 from lightning_ralora.run.hydra_callbacks import SweepSummary
 from lightning_ralora.run.job import run_job

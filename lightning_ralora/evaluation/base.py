@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_ralora.data.templates import render_prompt
+
 
 class EvalDataError(ValueError):
     """An evaluation data file that does not have the suite's format (message names the file and first bad line)."""
@@ -55,8 +59,6 @@ class GenerationSuite:
 
     def prompt(self, template: str | None, instruction: str, input: str | None = None) -> str:
         """`instruction` in the shared prompt template (the one the SFT run trained with), as its evaluation prompt."""
-        from lightning_ralora.data.templates import render_prompt
-
         return render_prompt(template, instruction, input, tokenizer=self.tokenizer, stage="eval")
 
     def examples(self, rows: Sequence[Mapping[str, Any]], template: str | None) -> list[Example]:
@@ -165,3 +167,39 @@ def read_numbered_rows(path: str | Path, field: str = "eval.data_files") -> list
         except json.JSONDecodeError as err:
             raise EvalDataError(f"{field}={path}: line {i} is not valid JSON ({err.msg})") from None
     return rows
+
+
+class EvalConfigError(ValueError):
+    """An evaluation request that cannot run (unknown suite, code execution not allowed, wrong model family)."""
+
+
+@dataclass
+class SuiteJob:
+    """One suite ready to run: its examples (generation suites) or its scoring function (classification suites);
+    `completions` (from `eval.completions`): per example, its samples, each a list of turns, replayed instead of
+    generated."""
+
+    name: str
+    suite: GenerationSuite | None = None
+    examples: list[Example] = field(default_factory=list)
+    classify: Callable[..., tuple[dict[str, float], list[dict[str, Any]]]] | None = None
+    completions: list[list[list[str]]] | None = None
+
+
+def plain_cfg(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def suite_file(cfg: Mapping[str, Any], name: str, n_suites: int, key: str = "data_files") -> Any:
+    """The suite's entry of `eval.<key>` (data_files, completions): one file, or {suite: file} for several suites."""
+    files = cfg.get(key)
+    if isinstance(files, Mapping):  # {suite: file}; with one suite, a mapping of its own (commonsense subsets)
+        return files.get(name, files if n_suites == 1 and key == "data_files" else None)
+    if files and n_suites > 1:
+        raise EvalConfigError(
+            f"eval.{key}={files} is one file but eval.suites lists {n_suites} suites; give a mapping "
+            f"eval.{key}={{suite: file}}"
+        )
+    return files or None

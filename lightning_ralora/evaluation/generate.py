@@ -28,6 +28,41 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def prompt_encoder(tokenizer: Any, add_special_tokens: bool = True) -> Callable[[str], list[int]]:
+    """`encode(prompt) -> ids` as the decoders feed prompts to the model: as tasks/sft.py encodes training prompts
+    (`encode_prompt`: the tokenizer's BOS first where it adds one, never two); an empty prompt is [BOS] (else
+    [pad]), since generation needs at least one position."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fill_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id
+    prefix = special_affixes(tokenizer)[0] if add_special_tokens else []
+
+    def encode(prompt: str) -> list[int]:
+        return encode_prompt(tokenizer, prompt, add_special_tokens, prefix) or [fill_id]
+
+    return encode
+
+
+def decoding_arguments(sampling: dict[str, Any]) -> dict[str, Any]:
+    """A generate() call's decoding arguments as the decoders read them: None values dropped, `do_sample` set (on
+    when temperature / top_p / top_k are given, unless the call sets it). TypeError for an argument outside
+    SAMPLING_KEYS, ValueError for counts below 1 or more beam-search sequences than beams."""
+    sampling = {k: v for k, v in sampling.items() if v is not None}
+    unknown = set(sampling) - set(SAMPLING_KEYS)
+    if unknown:
+        raise TypeError(f"generate() got unknown arguments {sorted(unknown)}; allowed: {list(SAMPLING_KEYS)}")
+    if "temperature" in sampling or "top_p" in sampling or "top_k" in sampling:
+        sampling.setdefault("do_sample", True)
+    sampling.setdefault("do_sample", False)
+    n_ret = int(sampling.get("num_return_sequences", 1))
+    beams = int(sampling.get("num_beams", 1))
+    if beams < 1 or n_ret < 1 or (beams > 1 and not sampling["do_sample"] and n_ret > beams):
+        raise ValueError(
+            f"generate(): num_beams={beams}, num_return_sequences={n_ret}; both must be >= 1 and beam search "
+            "returns at most num_beams sequences per prompt"
+        )
+    return sampling
+
+
 class StopOnStrings(StoppingCriteria):
     """Ends each row (each beam candidate, in beam search) once its completion contains a stop string (EOS is
     handled by `generate` itself); the batch ends when every row has ended."""
@@ -101,11 +136,7 @@ def make_generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     fill_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else pad_id  # for an empty prompt
     show = (_rank() == 0) if progress is None else progress
-    prefix = special_affixes(tokenizer)[0] if add_special_tokens else []
-
-    def encode(prompt: str) -> list[int]:
-        # as tasks/sft.py encodes training prompts (encode_pair)
-        return encode_prompt(tokenizer, prompt, add_special_tokens, prefix) or [fill_id]
+    encode = prompt_encoder(tokenizer, add_special_tokens)
 
     def run_batch(ids: list[list[int]], stop: Sequence[str], max_new: int, sampling: dict, synced: bool) -> list:
         width = max(len(x) for x in ids)
@@ -128,20 +159,8 @@ def make_generate(
 
     def generate(prompts: Sequence[str], stop: Sequence[str] = (), max_new_tokens: int = 256, **sampling: Any):
         """Completions of `prompts` (same order), each cut at the first stop string."""
-        sampling = {k: v for k, v in sampling.items() if v is not None}
-        unknown = set(sampling) - set(SAMPLING_KEYS)
-        if unknown:
-            raise TypeError(f"generate() got unknown arguments {sorted(unknown)}; allowed: {list(SAMPLING_KEYS)}")
-        if "temperature" in sampling or "top_p" in sampling or "top_k" in sampling:
-            sampling.setdefault("do_sample", True)
-        sampling.setdefault("do_sample", False)
+        sampling = decoding_arguments(sampling)
         n_ret = int(sampling.get("num_return_sequences", 1))
-        beams = int(sampling.get("num_beams", 1))
-        if beams < 1 or n_ret < 1 or (beams > 1 and not sampling["do_sample"] and n_ret > beams):
-            raise ValueError(
-                f"generate(): num_beams={beams}, num_return_sequences={n_ret}; both must be >= 1 and beam search "
-                "returns at most num_beams sequences per prompt"
-            )
         max_new = min(int(max_new_tokens), int(max_new_tokens_cap)) if max_new_tokens_cap else int(max_new_tokens)
         encoded = [encode(p) for p in prompts]
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))  # longest first: similar widths

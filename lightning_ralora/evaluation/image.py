@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from lightning_ralora.evaluation.base import EvalDataError, register_classification_suite
+from lightning_ralora.tasks.image_classification import folder_classes
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,6 @@ def check_image_data(eval_cfg: Mapping[str, Any]) -> None:
     """Before any model loads: a local `eval.data_dir` exists and holds class folders."""
     if not eval_cfg.get("data_dir"):
         return
-    from lightning_ralora.tasks.image_classification import folder_classes
-
     path = Path(eval_cfg["data_dir"]).expanduser()
     if not path.is_dir():
         raise EvalDataError(f"eval.data_dir={path}: directory not found")

@@ -34,11 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +43,7 @@ from typing import Any, ClassVar
 
 from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.evaluation.base import EvalDataError, Example, GenerateFn, GenerationSuite, register_suite
+from lightning_ralora.evaluation.endpoint import EndpointError, OpenAIClient
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +97,7 @@ _SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
-class MTBenchJudgeError(RuntimeError):
+class MTBenchJudgeError(EndpointError):
     """The judge endpoint could not be reached, refused the request, or answered in an unexpected shape."""
 
 
@@ -173,8 +170,11 @@ def _cfg_get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-class JudgeClient:
-    """A minimal OpenAI-compatible chat-completions client (stdlib urllib): timeouts, retries with backoff."""
+class JudgeClient(OpenAIClient):
+    """The judge: chat completions at temperature 0 through the shared OpenAI-compatible client (endpoint.py:
+    timeouts, retries with backoff, the key from `api_key_env`), its errors as MTBenchJudgeError."""
+
+    error = MTBenchJudgeError
 
     def __init__(
         self,
@@ -187,18 +187,8 @@ class JudgeClient:
         max_tokens: int = 2048,
         probe_timeout: float = 5.0,
     ) -> None:
-        if not base_url:
-            raise MTBenchJudgeError("eval.judge.base_url is not set (an OpenAI-compatible endpoint, e.g. .../v1)")
-        if not model:
-            raise MTBenchJudgeError("eval.judge.model is not set (the judge model's name at eval.judge.base_url)")
-        self.base_url = base_url.rstrip("/")
-        self.model = model
-        self.api_key_env = api_key_env
-        self.timeout = timeout
-        self.max_retries = max_retries
-        self.backoff = backoff
+        super().__init__(base_url, model, api_key_env, timeout, max_retries, backoff, probe_timeout, "eval.judge")
         self.max_tokens = max_tokens
-        self.probe_timeout = probe_timeout
 
     @classmethod
     def from_cfg(cls, judge_cfg: Any) -> JudgeClient:
@@ -214,33 +204,10 @@ class JudgeClient:
             probe_timeout=float(_cfg_get(judge_cfg, "probe_timeout", 5.0)),
         )
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env, "")
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
     def probe(self) -> None:
-        """Raise MTBenchJudgeError at once if the endpoint cannot be reached or refuses the key (GET /models)."""
-        request = urllib.request.Request(f"{self.base_url}/models", headers=self._headers(), method="GET")
-        try:
-            with urllib.request.urlopen(request, timeout=self.probe_timeout) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as err:
-            if err.code in (401, 403):
-                raise MTBenchJudgeError(
-                    f"eval.judge.base_url={self.base_url} refused the API key (HTTP {err.code}); "
-                    f"check the environment variable ${self.api_key_env}"
-                ) from None
-            return  # the server answered; it just has no /models route
-        except (urllib.error.URLError, TimeoutError, OSError) as err:
-            reason = getattr(err, "reason", err)
-            raise MTBenchJudgeError(f"eval.judge.base_url={self.base_url} unreachable ({reason})") from None
-        try:
-            ids = [m.get("id") for m in json.loads(body).get("data", [])]
-        except (ValueError, AttributeError):
-            return
+        """Raise MTBenchJudgeError at once if the endpoint cannot be reached or refuses the key (GET /models); a
+        judge model the list does not name is only warned about (a proxy may route names it does not list)."""
+        ids = [m.get("id") for m in self.models() or []]
         if ids and self.model not in ids:
             log.warning("judge model %r is not in %s/models (%s); the request may fail", self.model, self.base_url, ids)
 
@@ -253,40 +220,11 @@ class JudgeClient:
             "temperature": 0,
             "max_tokens": self.max_tokens,
         }
-        data = json.dumps(payload).encode()
-        last = ""
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
-            request = urllib.request.Request(
-                f"{self.base_url}/chat/completions", data=data, headers=self._headers(), method="POST"
-            )
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as resp:
-                    body = json.loads(resp.read())
-                return body["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as err:
-                last = f"HTTP {err.code}"
-                if err.code in (401, 403):
-                    raise MTBenchJudgeError(
-                        f"eval.judge.base_url={self.base_url} refused the API key ({last}); "
-                        f"check the environment variable ${self.api_key_env}"
-                    ) from None
-                if err.code not in (408, 409, 429) and err.code < 500:
-                    detail = err.read()[:300].decode(errors="replace")
-                    raise MTBenchJudgeError(
-                        f"eval.judge.base_url={self.base_url} rejected the request ({last}): {detail}"
-                    ) from None
-            except (KeyError, IndexError, TypeError, ValueError) as err:
-                raise MTBenchJudgeError(
-                    f"eval.judge.base_url={self.base_url}: unexpected chat-completions answer ({err!r})"
-                ) from None
-            except (urllib.error.URLError, TimeoutError, OSError) as err:
-                last = str(getattr(err, "reason", err))
-            log.warning("judge request failed (%s), attempt %d/%d", last, attempt + 1, self.max_retries + 1)
-        raise MTBenchJudgeError(
-            f"eval.judge.base_url={self.base_url} unreachable ({last}) after {self.max_retries + 1} attempts"
-        )
+        body = self.post("chat/completions", payload)
+        try:
+            return body["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError) as err:
+            raise MTBenchJudgeError(f"{self.where}: unexpected chat-completions answer ({err!r})") from None
 
 
 def _check_temperatures(value: Any) -> dict[str, float]:

@@ -12,54 +12,26 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import json
-import os
-import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from lightning_ralora.evaluation.base import (
     CLASSIFICATION_CHECKS,
     CLASSIFICATION_SUITES,
     SUITES,
+    EvalConfigError,
     EvalDataError,
-    Example,
     GenerationSuite,
-    read_numbered_rows,
+    SuiteJob,
+    plain_cfg,
     read_rows,
+    suite_file,
 )
-from lightning_ralora.io import write_json_atomic
-
-TABLE_ROWS = 200  # examples in the W&B table
-TABLE_COLUMNS = ("prompt", "completion", "extracted", "reference", "correct")
-
-
-class EvalConfigError(ValueError):
-    """An evaluation request that cannot run (unknown suite, code execution not allowed, wrong model family)."""
-
-
-@dataclass
-class SuiteJob:
-    """One suite ready to run: its examples (generation suites) or its scoring function (classification suites);
-    `completions` (from `eval.completions`): per example, its samples, each a list of turns, replayed instead of
-    generated."""
-
-    name: str
-    suite: GenerationSuite | None = None
-    examples: list[Example] = field(default_factory=list)
-    classify: Callable[..., tuple[dict[str, float], list[dict[str, Any]]]] | None = None
-    completions: list[list[list[str]]] | None = None
-
-
-def _plain(cfg: Any) -> dict[str, Any]:
-    if cfg is None:
-        return {}
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+from lightning_ralora.evaluation.outputs import TABLE_ROWS, log_wandb, write_outputs
+from lightning_ralora.evaluation.serving import endpoint_generate, served_cfg_problem
 
 
 def load_suite_modules(plugins: Sequence[str] = ()) -> None:
@@ -74,7 +46,7 @@ def load_suite_modules(plugins: Sequence[str] = ()) -> None:
 
 def suite_names(eval_cfg: Mapping[str, Any] | None) -> list[str]:
     """The suites an `eval` config asks for: `eval.suites`, else the group's `name` (none: [])."""
-    cfg = _plain(eval_cfg)
+    cfg = plain_cfg(eval_cfg)
     names = cfg.get("suites")
     if names is None:
         names = [cfg["name"]] if cfg.get("name") not in (None, "none") else []
@@ -84,19 +56,6 @@ def suite_names(eval_cfg: Mapping[str, Any] | None) -> list[str]:
 def eval_requested(cfg: Mapping[str, Any]) -> bool:
     """Whether a run config lists evaluation suites (`eval=gsm8k`, `eval.suites=[...]`)."""
     return bool(suite_names(cfg.get("eval")))
-
-
-def _data_file(cfg: Mapping[str, Any], name: str, n_suites: int, key: str = "data_files") -> Any:
-    """The suite's entry of `eval.<key>` (data_files, completions): one file, or {suite: file} for several suites."""
-    files = cfg.get(key)
-    if isinstance(files, Mapping):  # {suite: file}; with one suite, a mapping of its own (commonsense subsets)
-        return files.get(name, files if n_suites == 1 and key == "data_files" else None)
-    if files and n_suites > 1:
-        raise EvalConfigError(
-            f"eval.{key}={files} is one file but eval.suites lists {n_suites} suites; give a mapping "
-            f"eval.{key}={{suite: file}}"
-        )
-    return files or None
 
 
 def _hub_rows(suite: GenerationSuite, name: str) -> list[dict[str, Any]]:
@@ -186,13 +145,15 @@ def prepare(
     """Resolve the suites, load and check their rows (every file in full; none may be empty), build the examples
     with the prompt `template`, and refuse code-executing suites unless `eval.allow_code_execution=true` and
     generation on a run whose task (`run_task`) loads no tokenizer. Raises EvalConfigError / EvalDataError."""
-    cfg = _plain(eval_cfg)
+    cfg = plain_cfg(eval_cfg)
     load_suite_modules(cfg.get("plugins") or ())
     names = suite_names(cfg)
     backend = cfg.get("backend") or "builtin"
-    if backend not in ("builtin", "lm_eval"):
-        raise EvalConfigError(f"eval.backend={backend!r} is unknown; allowed: builtin, lm_eval")
+    if backend not in ("builtin", "lm_eval", "openai"):
+        raise EvalConfigError(f"eval.backend={backend!r} is unknown; allowed: builtin, lm_eval, openai")
     check_eval_values(cfg)
+    if backend == "openai" and (problem := served_cfg_problem(cfg, names)):  # a serving engine generates
+        raise EvalConfigError(problem)
     check_run_tokenizer(names, backend, run_task)
     if backend == "lm_eval":  # the harness loads its own data; names may be any lm-eval task
         if "humaneval" in names and not cfg.get("allow_code_execution"):
@@ -223,7 +184,7 @@ def prepare(
             jobs.append(SuiteJob(n, classify=CLASSIFICATION_SUITES[n]))
             continue
         suite = build_suite(SUITES[n], cfg, tokenizer)
-        path = _data_file(cfg, n, len(names))
+        path = suite_file(cfg, n, len(names))
         if path:  # a suite with several files (commonsense: a folder or {subset: file}) reads them itself
             rows = suite.load_rows(path) if hasattr(suite, "load_rows") else read_rows(path)
             source = f"eval.data_files={path}"
@@ -246,122 +207,6 @@ def prepare(
             raise EvalDataError(f"{source}: no examples for eval={n} (no row of the selected subsets)")
         jobs.append(SuiteJob(n, suite=suite, examples=examples))
     return jobs
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# eval.completions: score a file of completions without a model
-# ------------------------------------------------------------------------------------------------------------------
-ID_KEYS = ("task_id", "id", "question_id")  # a line's example id (HumanEval, ours, FastChat's model answers)
-
-
-def _samples_of(row: Any, where: str) -> list[list[str]]:
-    """One line's samples, each a list of turns: {"completion": s}, {"completions": [s, ...]} (n samples),
-    {"turns": [a1, a2]} or FastChat's model answer {"choices": [{"turns": [a1, a2]}, ...]}."""
-    if not isinstance(row, Mapping):
-        raise EvalDataError(f"{where} is a {type(row).__name__}, not a JSON object")
-
-    def strings(value: Any, key: str) -> list[str]:
-        if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
-            raise EvalDataError(f"{where}: `{key}` must be a non-empty list of strings")
-        return list(value)
-
-    if "completion" in row:
-        if not isinstance(row["completion"], str):
-            raise EvalDataError(f"{where}: `completion` must be a string")
-        return [[row["completion"]]]
-    if "completions" in row:
-        return [[c] for c in strings(row["completions"], "completions")]
-    if "turns" in row:
-        return [strings(row["turns"], "turns")]
-    if "choices" in row:
-        choices = row["choices"]
-        if not (isinstance(choices, list) and choices and all(isinstance(c, Mapping) for c in choices)):
-            raise EvalDataError(f'{where}: `choices` must be a non-empty list of {{"turns": [...]}} objects')
-        return [strings(c.get("turns"), "choices[].turns") for c in choices]
-    raise EvalDataError(f"{where} has none of `completion`, `completions`, `turns`, `choices`; it has {sorted(row)}")
-
-
-def _line_id(row: Mapping[str, Any]) -> str | None:
-    return next((str(row[k]) for k in ID_KEYS if row.get(k) is not None), None)
-
-
-def _by_id(lines: list[tuple[int, Any]], examples: Sequence[Example], field: str) -> list[tuple[int, Any]]:
-    """The lines in the examples' order, matched by id: every example exactly one line, else one error."""
-    ids = [ex.id for ex in examples]
-    if len(set(ids)) != len(ids):
-        raise EvalDataError(f"{field}: the suite's example ids are not unique; give the lines in suite order, no ids")
-    found: dict[str, tuple[int, Any]] = {}
-    for n, row in lines:
-        key = _line_id(row)
-        if key is None:
-            raise EvalDataError(f"{field}: line {n} has no id ({'/'.join(ID_KEYS)}) but other lines do")
-        if key in found:
-            raise EvalDataError(f"{field}: lines {found[key][0]} and {n} have the same id {key!r}")
-        found[key] = (n, row)
-    missing, extra = [i for i in ids if i not in found], sorted(set(found) - set(ids))
-    if missing or extra:
-
-        def show(what: str, xs: list[str]) -> str:
-            return f"{what} {xs[:5]}" + (f" (+{len(xs) - 5} more)" if len(xs) > 5 else "")
-
-        parts = ([show("missing", missing)] if missing else []) + ([show("extra", extra)] if extra else [])
-        raise EvalDataError(f"{field}: the ids do not match the suite's {len(ids)} examples: {'; '.join(parts)}")
-    return [found[i] for i in ids]
-
-
-def read_completions(path: str | Path, examples: Sequence[Example], turns: int = 1) -> list[list[list[str]]]:
-    """Per example, its samples (each `turns` texts) from a JSONL completions file: one line per example in the
-    suite's order, or matched by id when lines carry `task_id` / `id` / `question_id`. Every line must have the
-    same number of samples. EvalDataError (one line naming `eval.completions` and the file) on bad input."""
-    field = f"eval.completions={path}"
-    lines = read_numbered_rows(path, "eval.completions")
-    if any(isinstance(row, Mapping) and _line_id(row) is not None for _, row in lines):
-        lines = _by_id(lines, examples, field)
-    elif len(lines) != len(examples):
-        raise EvalDataError(f"{field}: {len(lines)} lines for {len(examples)} examples (one line per example)")
-    answers = [_samples_of(row, f"{field}: line {n}") for n, row in lines]
-    for (n, _), samples in zip(lines, answers, strict=True):
-        if len(samples) != len(answers[0]):
-            raise EvalDataError(
-                f"{field}: line {n} has {len(samples)} samples, line {lines[0][0]} has {len(answers[0])}; every "
-                "line needs the same number"
-            )
-        wrong = next((len(s) for s in samples if len(s) != turns), None)
-        if wrong is not None:
-            raise EvalDataError(f"{field}: line {n} has {wrong} turns; this suite needs {turns}")
-    return answers
-
-
-def attach_completions(jobs: Sequence[SuiteJob], eval_cfg: Mapping[str, Any]) -> None:
-    """Read `eval.completions` (one file, or {suite: file}) into each job and set the suite's sample count from the
-    file (HumanEval's `samples`). Classification suites and the lm_eval backend are refused: they score the model."""
-    cfg = _plain(eval_cfg)
-    if (cfg.get("backend") or "builtin") != "builtin":
-        raise EvalConfigError("eval.completions scores a file with the builtin suites; eval.backend must be builtin")
-    for job in jobs:
-        if job.classify is not None or job.suite is None:
-            raise EvalConfigError(
-                f"eval.completions: eval={job.name} is scored on the model's logits, not on completions; "
-                f"allowed: generation suites {sorted(SUITES)}"
-            )
-    for job in jobs:
-        path = _data_file(cfg, job.name, len(jobs), "completions")
-        if not path:
-            raise EvalConfigError(f"eval.completions has no file for eval={job.name}; give {{suite: file}}")
-        turns = job.suite.turns
-        answers = read_completions(path, job.examples, turns)
-        n = len(answers[0]) if answers else 1
-        if hasattr(job.suite, "samples"):
-            if cfg.get("samples") is not None and int(cfg["samples"]) != n:
-                raise EvalConfigError(
-                    f"eval.samples={cfg['samples']} but eval.completions={path} has {n} samples per example"
-                )
-            job.suite.samples = n
-        elif n != 1:
-            raise EvalConfigError(
-                f"eval.completions={path} has {n} samples per example; eval={job.name} scores one completion each"
-            )
-        job.completions = answers
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -413,7 +258,7 @@ def generation_settings(module_or_model: Any, eval_cfg: Mapping[str, Any]) -> di
 def stoppable(generate: Callable[..., list[str]], suite: str) -> Callable[..., list[str]]:
     """`generate` that first checks for a stop signal (cluster.check_stop): an evaluation ends at a batch boundary,
     nothing written (a resume evaluates again)."""
-    from lightning_ralora.run.cluster import check_stop
+    from lightning_ralora.core.signals import check_stop
 
     def call(*args: Any, **kwargs: Any) -> list[str]:
         check_stop(f"eval ({suite})")
@@ -433,7 +278,7 @@ def run_jobs(
     Returns {suite: {metric: value, "n": count}} on every rank."""
     from lightning_ralora.evaluation.generate import ReplayGenerate, make_generate
 
-    cfg = _plain(eval_cfg)
+    cfg = plain_cfg(eval_cfg)
     rank, world = _dist()
     metrics: dict[str, dict[str, float]] = {}
     records_by_suite: dict[str, list[dict[str, Any]]] = {}
@@ -451,6 +296,8 @@ def run_jobs(
             generate: Callable[..., list[str]] = ReplayGenerate(
                 [job.examples[i].prompt for i in mine], [job.completions[i] for i in mine]
             )
+        elif cfg.get("backend") == "openai":  # a serving engine generates (evaluation/serving.py)
+            generate = endpoint_generate(module_or_model, tokenizer, cfg, **generation_settings(module_or_model, cfg))
         else:
             model, tok = _model_and_tokenizer(module_or_model, tokenizer)
             generate = make_generate(
@@ -497,7 +344,7 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Prepare and run the suites of `eval_cfg` in this process (its rank's shard when torch.distributed is up).
     `template` defaults to `eval_cfg.template`."""
-    cfg = _plain(eval_cfg)
+    cfg = plain_cfg(eval_cfg)
     jobs = prepare(cfg, template if template is not None else cfg.get("template"))
     return run_jobs(module_or_model, jobs, cfg, run_dir, tokenizer)
 
@@ -526,66 +373,26 @@ def run_test_stage(
     return out.get("metrics", {})
 
 
-# ------------------------------------------------------------------------------------------------------------------
-# outputs
-# ------------------------------------------------------------------------------------------------------------------
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
-
-
-def write_outputs(
-    run_dir: Path, metrics: Mapping[str, Mapping[str, float]], records: Mapping[str, list[dict[str, Any]]]
-) -> None:
-    """RUN/eval.json (merged with earlier suites), RUN/eval/<suite>.jsonl, and results.json["eval"] if it exists."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out_dir = run_dir / "eval"
-    out_dir.mkdir(exist_ok=True)
-    for name, recs in records.items():
-        path = out_dir / f"{name}.jsonl"
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in recs))
-        tmp.replace(path)
-    eval_path = run_dir / "eval.json"
-    previous = json.loads(eval_path.read_text()) if eval_path.is_file() else {}
-    write_json_atomic(eval_path, {**previous, **_json_safe(dict(metrics))})
-    results_path = run_dir / "results.json"
-    if results_path.is_file():
-        results = json.loads(results_path.read_text())
-        results["eval"] = {**(results.get("eval") or {}), **_json_safe(dict(metrics))}
-        write_json_atomic(results_path, results)
-
-
-def log_wandb(
-    metrics: Mapping[str, Mapping[str, float]], records: Mapping[str, list[dict[str, Any]]], rows: int = TABLE_ROWS
-) -> None:
-    """Summary values `eval/<suite>/<metric>` and a table of the first `rows` examples, when a W&B run is active."""
-    if "wandb" not in sys.modules:
-        return
-    import wandb
-
-    if wandb.run is None:
-        return
-    for name, m in metrics.items():
-        for key, value in m.items():
-            wandb.run.summary[f"eval/{name}/{key}"] = value
-        table = wandb.Table(columns=list(TABLE_COLUMNS))
-        for r in records.get(name, [])[:rows]:
-            table.add_data(*(r.get(c) if c == "correct" else str(r.get(c, "")) for c in TABLE_COLUMNS))
-        wandb.log({f"eval/{name}/examples": table})
-
-
 def run_template(run_cfg: Mapping[str, Any]) -> str | None:
     """The prompt template of a run config: `eval.template` if set, else the `task.template` it trained with."""
-    cfg = _plain(run_cfg)
+    cfg = plain_cfg(run_cfg)
     return (cfg.get("eval") or {}).get("template") or (cfg.get("task") or {}).get("template")
 
 
 def prepare_training_eval(cfg: Mapping[str, Any]) -> list[SuiteJob]:
     """The suites a training config lists (none: []), prepared before training; problems become a ConfigError."""
-    from lightning_ralora.run.errors import ConfigError
+    from lightning_ralora.core.errors import ConfigError
 
     if not eval_requested(cfg):
         return []
+    if (cfg.get("eval") or {}).get("backend") == "openai":
+        raise ConfigError(
+            [
+                "eval.backend=openai scores a served model, not one being trained: train with export=true, serve "
+                "RUN/export, then lightning-ralora-eval run_dir=RUN eval=SUITE eval.backend=openai eval.base_url=URL "
+                "eval.model=NAME (docs/serving.md)"
+            ]
+        )
     if (cfg.get("eval") or {}).get("completions"):
         raise ConfigError(
             [

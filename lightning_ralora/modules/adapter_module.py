@@ -14,53 +14,31 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from lightning_ralora.adapters import LayerSpec, adapter_layers, find_modules, find_targets, inject, merge_all
+from lightning_ralora.adapters.attach import attachment, attachments
+from lightning_ralora.adapters.inject import adapter_layers
 from lightning_ralora.adapters.plan import AdapterPlan, uniform_plan
-from lightning_ralora.modules.backbone import env_global_rank, host_bytes, load_backbone, load_backbone_rank0
-from lightning_ralora.run.secrets import redact
+from lightning_ralora.adapters.registry import adapter_config
+from lightning_ralora.core.io import write_json_atomic
+from lightning_ralora.core.secrets import redact
+from lightning_ralora.modules.backbone import (
+    adapter_sites,
+    block_module_names,
+    env_global_rank,
+    host_bytes,
+    load_backbone,
+    load_backbone_rank0,
+)
+from lightning_ralora.modules.distributed import FSDP2Strategy, enable_activation_checkpointing
 from lightning_ralora.tasks import TASKS
 
 PLAN_KEY = "adapter_plan"
-ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "float64")
-
-
-def spec_from_cfg(adapter_cfg: Mapping[str, Any]) -> LayerSpec:
-    """The uniform LayerSpec a config describes: the registered variant's `to_spec` (adapters.registry)."""
-    from lightning_ralora.adapters.registry import spec_from_cfg as registry_spec_from_cfg
-
-    return registry_spec_from_cfg(adapter_cfg)
-
-
-def block_module_names(model: nn.Module) -> set[str]:
-    """Class names of the model's repeated blocks (FSDP wrapping units): transformers' `_no_split_modules` of the
-    model and its submodules (those present), else the class-name heuristic (…DecoderLayer, …EncoderLayer, …Block)."""
-    names: set[str] = set()
-    for m in model.modules():
-        names.update(getattr(m, "_no_split_modules", None) or ())
-    present = {type(m).__name__ for m in model.modules()}
-    names &= present
-    if names:
-        return names
-    names = {n for n in present if n.endswith(("DecoderLayer", "EncoderLayer", "Block"))}
-    for m in model.modules():  # RoBERTa & co. (no _no_split_modules): the class repeated in a ModuleList
-        kinds = {type(c).__name__ for c in m.children()} if isinstance(m, nn.ModuleList) and len(m) > 1 else set()
-        if len(kinds) == 1 and not isinstance(m[0], nn.Linear):
-            names |= kinds
-    return names
-
-
-def adapter_dtype(adapter_cfg: Mapping[str, Any]) -> torch.dtype | None:
-    """`adapter.dtype`; null (default): at least fp32 whatever the base dtype, as the papers' adapters train."""
-    name = adapter_cfg.get("dtype")
-    return getattr(torch, name) if name else None
 
 
 def lora_plus_b_params(model: nn.Module) -> list[nn.Parameter]:
-    """The B-side factors every adapter in `model` declares (ours: `AdapterLayer.b_side`; peft: its `lora_B`)."""
-    from peft.tuners.lora import LoraLayer
-
-    params = [p for layer in adapter_layers(model).values() for p in layer.b_side_parameters()]
-    return params + [p for m in model.modules() if isinstance(m, LoraLayer) for p in m.lora_B.parameters()]
+    """The B-side factors of every adapter in `model`, as each attachment finds them (ours: `AdapterLayer.b_side`;
+    peft: its `lora_B`)."""
+    found = {id(p): p for attach in attachments() for p in attach.b_side_parameters(model)}
+    return list(found.values())
 
 
 def optimizer_groups(model: nn.Module, lr: float, lr_ratio_B: float = 1.0) -> list[dict[str, Any]]:
@@ -107,20 +85,6 @@ def _batch_size(batch: Any) -> int:
     return extract_batch_size(batch)
 
 
-def trainable_module_names(
-    backbone: nn.Module, task: Any, model_cfg: Mapping[str, Any], fresh: list[str] | tuple[str, ...] = ()
-) -> list[str]:
-    """Modules trained in full beside the adapters (outermost names): the head the task adds (peft's
-    `modules_to_save`), any module `from_pretrained` initialised fresh, and `model.trainable_modules` (suffixes or
-    a regex, as target_modules). They are saved in adapter-only checkpoints and exported."""
-    names = find_modules(backbone, list(task.head_modules)) if task.head_modules else []
-    extra = model_cfg.get("trainable_modules") or []
-    for name in [*fresh, *(find_modules(backbone, extra) if extra else [])]:
-        if not any(name == n or name.startswith(n + ".") for n in names):
-            names.append(name)
-    return names
-
-
 class AdapterModule(L.LightningModule):
     """Backbone + adapter + task. Adapters are injected in `configure_model`, i.e. after callbacks' `setup`
     (where the GID warm-up builds the plan) and before DDP/FSDP wrapping."""
@@ -151,14 +115,13 @@ class AdapterModule(L.LightningModule):
         self.loaded_bytes = host_bytes(self.backbone)  # bytes of pretrained/initial weights this rank holds
         self.backbone.train()
         self.task.prepare(self.backbone)
-        self.full_modules = trainable_module_names(self.backbone, self.task, self.model_cfg, fresh)
         if fresh:
             rank_zero_warn(
                 f"model.pretrained={self.model_cfg['pretrained']!r} lacks {fresh}: initialised fresh, so they train "
                 "in full beside the adapters and are saved in every checkpoint"
             )
-        patterns = self.adapter_cfg.get("target_modules") or self.model_cfg["target_modules"]
-        self.targets = find_targets(self.backbone, patterns, exclude=self.full_modules)
+        sites = adapter_sites(self.backbone, self.model_cfg, self.adapter_cfg, self.task.head_modules, fresh)
+        self.full_modules, self.targets = sites.full, list(sites.targets)
         self.plan: AdapterPlan | None = AdapterPlan.from_dict(plan) if plan else None
         self.adapted = False
         self.sharded = False  # set by `_shard` (FSDP2): parameters are DTensor shards from then on
@@ -173,37 +136,14 @@ class AdapterModule(L.LightningModule):
         return self.adapter_cfg["kind"]
 
     def configure_model(self) -> None:
-        """Apply the adapter once: from the plan (GID callback or checkpoint) or the uniform config."""
+        """Apply the adapter once, as its variant attaches (adapters/attach.py): our layers from the plan (GID
+        callback, checkpoint or the uniform config), peft's wrapper, or every weight trainable."""
         if self.adapted:
             return
-        if self.kind == "full":
-            for p in self.backbone.parameters():
-                p.requires_grad_(True)
-        elif self.kind == "peft":
-            self._apply_peft()
-        else:
-            ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
-            if self.plan is None and ckpt_path:
-                self.plan = read_plan(ckpt_path)
-            if self.plan is None:
-                from lightning_ralora.adapters.registry import adapter_config
-
-                schema = adapter_config(self.adapter_cfg)
-                if schema.needs_plan:
-                    needed = ", ".join(c.target for c in schema.callbacks()) or "a plan-building callback"
-                    raise RuntimeError(
-                        f"adapter={self.adapter_cfg['name']} needs a plan from its callback ({needed}) "
-                        "or a checkpoint; none was given"
-                    )
-                self.plan = uniform_plan(
-                    self.backbone, self.targets, spec_from_cfg(self.adapter_cfg), self.adapter_cfg["name"]
-                )
-            layers = inject(self.backbone, self.targets, self.plan.specs(), dtype=adapter_dtype(self.adapter_cfg))
-            compiled = bool(self.adapter_cfg.get("compile", False))
-            for layer in layers.values():  # adapter.compile: forward runs the torch.compile'd update
-                layer.compiled = compiled
-            for name in self.full_modules:  # the task's new head and model.trainable_modules train in full
-                self.backbone.get_submodule(name).requires_grad_(True)
+        attach = attachment(self.kind)
+        if attach.uses_plan and self.plan is None:
+            self.plan = self._plan()
+        self.backbone = attach.attach(self.backbone, self.targets, self.full_modules, self.adapter_cfg, self.plan)
         self.adapted = True
         mesh = getattr(self, "device_mesh", None)
         if self.load_on_rank0 and mesh is None:
@@ -228,31 +168,26 @@ class AdapterModule(L.LightningModule):
         for buf in self.backbone.buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
             dist.broadcast(buf, src=0)
 
-    def _apply_peft(self) -> None:
-        from peft import LoraConfig, get_peft_model
-
-        cfg = self.adapter_cfg
-        peft_cfg = LoraConfig(
-            r=int(cfg["r"]),
-            lora_alpha=float(cfg["alpha"]),
-            lora_dropout=float(cfg.get("dropout", 0.0)),
-            target_modules=list(self.targets),
-            modules_to_save=list(self.full_modules) or None,
-            **dict(cfg.get("peft") or {}),
-        )
-        self.backbone = get_peft_model(self.backbone, peft_cfg)  # autocast_adapter_dtype: fp32 adapters
-        dtype = adapter_dtype(cfg)
-        if dtype is not None:
-            for name, p in self.backbone.named_parameters():
-                if "lora_" in name:
-                    p.data = p.data.to(dtype)
+    def _plan(self) -> AdapterPlan:
+        """The plan stored in the checkpoint being resumed, else the uniform plan of the config (a variant whose
+        plan comes from its callback, e.g. the GID warm-up, has none here: an error)."""
+        ckpt_path = self._trainer.ckpt_path if self._trainer is not None else None
+        plan = read_plan(ckpt_path) if ckpt_path else None
+        if plan is not None:
+            return plan
+        schema = adapter_config(self.adapter_cfg)
+        if schema.needs_plan:
+            needed = ", ".join(c.target for c in schema.callbacks()) or "a plan-building callback"
+            raise RuntimeError(
+                f"adapter={self.adapter_cfg['name']} needs a plan from its callback ({needed}) "
+                "or a checkpoint; none was given"
+            )
+        return uniform_plan(self.backbone, self.targets, schema.to_spec(), self.adapter_cfg["name"])
 
     def _shard(self, mesh) -> None:
         """fully_shard each block (`block_module_names`), then the root, on the strategy's mesh and options
         (FSDP2Strategy: HSDP mesh, mixed precision, activation checkpointing; plain ModelParallelStrategy: dp)."""
         from torch.distributed.fsdp import fully_shard
-
-        from lightning_ralora.modules.distributed import FSDP2Strategy, enable_activation_checkpointing
 
         strategy = self._trainer.strategy if self._trainer is not None else None
         kwargs: dict[str, Any] = {}
@@ -326,8 +261,6 @@ class AdapterModule(L.LightningModule):
         """<run_dir>/load_bytes.json: bytes of backbone weights each rank held after loading (a collective)."""
         import torch.distributed as dist
 
-        from lightning_ralora.io import write_json_atomic
-
         per_rank: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(per_rank, self.loaded_bytes)
         if dist.get_rank() == 0:
@@ -383,7 +316,8 @@ class AdapterModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[PLAN_KEY] = self.plan.to_dict() if self.plan is not None else None
         checkpoint["val_loss0"] = self.val_loss0
-        if self.model_cfg.get("pretrained") and self.kind != "full":  # the base comes from the hub: keep the rest
+        # the base comes from the hub: keep the rest (all of it when every backbone weight trains)
+        if self.model_cfg.get("pretrained") and not attachment(self.kind).trains_backbone:
             keep = {f"backbone.{n}" for n, p in self.backbone.named_parameters() if p.requires_grad}
             for name, layer in self.adapter_layers().items():  # adapter buffers too (SDS's Q's and phase)
                 keep |= {f"backbone.{name}.{k}" for k in layer.state_dict() if not k.startswith("base.")}
@@ -405,13 +339,10 @@ class AdapterModule(L.LightningModule):
         meta device, filled from the gathered full state dict (a collective: call it on every rank)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if self.kind == "peft":
-            raise NotImplementedError("merge/export of a sharded peft model: use adapter kind lora (ours)")
-        state = get_model_state_dict(self.backbone, options=StateDictOptions(full_state_dict=True))
         model, _ = load_backbone(self.model_cfg, self.task.extra_model_config(), meta=True)
-        if self.kind != "full":
-            with torch.device("meta"):
-                inject(model, self.targets, self.plan.specs(), dtype=adapter_dtype(self.adapter_cfg))
+        # the adapted structure before the gather, so a variant that cannot be unsharded stops before a collective
+        attachment(self.kind).rebuild(model, self.targets, self.adapter_cfg, self.plan)
+        state = get_model_state_dict(self.backbone, options=StateDictOptions(full_state_dict=True))
         model.to_empty(device="cpu")
         model.load_state_dict({k: v.detach().cpu() for k, v in state.items()}, assign=True)
         for name, buf in self.backbone.named_buffers():  # non-persistent buffers (rotary inv_freq) too
@@ -422,9 +353,7 @@ class AdapterModule(L.LightningModule):
     def merged_backbone(self) -> nn.Module:
         """A plain transformers model with every adapter folded into its weights (under FSDP2 a collective)."""
         model = self.unsharded_backbone() if self.sharded else copy.deepcopy(self.backbone)
-        if self.kind == "peft":
-            return model.merge_and_unload()
-        return merge_all(model)
+        return attachment(self.kind).merge(model)
 
     def export(self, path: str | Path) -> Path:
         """Write the merged model with `save_pretrained` (loadable by `AutoModel*.from_pretrained`); rank 0 writes,

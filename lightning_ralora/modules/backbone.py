@@ -1,12 +1,19 @@
-"""Build the HF backbone a run adapts: `from_pretrained(name)` for real models, or from a config dict for tiny ones."""
+"""Build the HF backbone a run adapts: `from_pretrained(name)` for real models, or from a config dict for tiny ones;
+and find where its adapter goes (`adapter_sites`: the modules trained in full and the target linears with their
+shapes), the one lookup the module, config validation and the memory plan share."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_ralora.adapters.inject import find_modules, find_targets, target_shapes
 
 FAMILIES = ("causal_lm", "seq_classification", "seq2seq_lm", "image_classification", "clip_vision")
 
@@ -71,6 +78,70 @@ def build_backbone(
     return load_backbone(model_cfg, extra_config, meta)[0]
 
 
+def meta_backbone(model_cfg: Mapping[str, Any], task_cfg: Mapping[str, Any]) -> nn.Module:
+    """The backbone's skeleton on the meta device (no weights, no tokenizer): the model config plus the task's
+    `num_labels`, what config validation and the memory plan inspect before any weight is loaded."""
+    extra = {"num_labels": task_cfg["num_labels"]} if "num_labels" in task_cfg else {}
+    return build_backbone(model_cfg, extra, meta=True)
+
+
+def trained_in_full(
+    backbone: nn.Module, head_modules: Iterable[str], model_cfg: Mapping[str, Any], fresh: Iterable[str] = ()
+) -> list[str]:
+    """Modules trained in full beside the adapter (outermost names): the head the task adds (peft's
+    `modules_to_save`), any module `from_pretrained` initialised fresh, and `model.trainable_modules` (suffixes or
+    a regex, as target_modules). They are saved in adapter-only checkpoints and exported."""
+    heads = list(head_modules)
+    names = find_modules(backbone, heads) if heads else []
+    extra = model_cfg.get("trainable_modules") or []
+    for name in [*fresh, *(find_modules(backbone, extra) if extra else [])]:
+        if not any(name == n or name.startswith(n + ".") for n in names):
+            names.append(name)
+    return names
+
+
+@dataclass
+class AdapterSites:
+    """Where an adapter goes in a backbone: the modules trained in full and the target linears, each with its
+    (out_features, in_features), in model order."""
+
+    full: list[str]
+    targets: dict[str, tuple[int, int]]
+
+
+def adapter_sites(
+    backbone: nn.Module,
+    model_cfg: Mapping[str, Any],
+    adapter_cfg: Mapping[str, Any],
+    head_modules: Iterable[str] = (),
+    fresh: Iterable[str] = (),
+) -> AdapterSites:
+    """The modules trained in full (`trained_in_full`) and the linears `adapter.target_modules` (else
+    `model.target_modules`) matches outside them; the ValueError of `find_targets` when none match."""
+    full = trained_in_full(backbone, head_modules, model_cfg, fresh)
+    patterns = adapter_cfg.get("target_modules") or model_cfg["target_modules"]
+    names = find_targets(backbone, patterns, exclude=full)
+    return AdapterSites(full, target_shapes(backbone, names))
+
+
+def block_module_names(model: nn.Module) -> set[str]:
+    """Class names of the model's repeated blocks (FSDP wrapping units): transformers' `_no_split_modules` of the
+    model and its submodules (those present), else the class-name heuristic (…DecoderLayer, …EncoderLayer, …Block)."""
+    names: set[str] = set()
+    for m in model.modules():
+        names.update(getattr(m, "_no_split_modules", None) or ())
+    present = {type(m).__name__ for m in model.modules()}
+    names &= present
+    if names:
+        return names
+    names = {n for n in present if n.endswith(("DecoderLayer", "EncoderLayer", "Block"))}
+    for m in model.modules():  # RoBERTa & co. (no _no_split_modules): the class repeated in a ModuleList
+        kinds = {type(c).__name__ for c in m.children()} if isinstance(m, nn.ModuleList) and len(m) > 1 else set()
+        if len(kinds) == 1 and not isinstance(m[0], nn.Linear):
+            names |= kinds
+    return names
+
+
 def load_backbone(
     model_cfg: Mapping[str, Any], extra_config: Mapping[str, Any] | None = None, meta: bool = False
 ) -> tuple[nn.Module, list[str]]:
@@ -99,8 +170,6 @@ def load_backbone(
 def env_global_rank() -> int:
     """This process's global rank from the launcher's environment (torchrun/SLURM: RANK; Lightning's launcher:
     NODE_RANK and LOCAL_RANK), usable before the process group exists; 0 outside a multi-process launch."""
-    import os
-
     if "RANK" in os.environ:
         return int(os.environ["RANK"])
     if "SLURM_PROCID" in os.environ:
@@ -112,8 +181,6 @@ def env_global_rank() -> int:
 def checkpoint_missing_modules(model: nn.Module, pretrained: str) -> list[str]:
     """The modules `from_pretrained` would initialise fresh (as its `missing_keys`), read from the safetensors
     headers of a local directory only: no tensor is loaded."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     files = sorted(Path(pretrained).glob("*.safetensors")) if Path(pretrained).is_dir() else []

@@ -10,15 +10,15 @@ import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from lightning_ralora.adapters.base import LayerSpec
+from lightning_ralora.adapters.gralora import GraLoRAConfig
 from lightning_ralora.adapters.plan import AdapterPlan, PlanEntry
-from lightning_ralora.adapters.ralora import PLAN_RULES, SCALE_RULES, SMOOTHINGS, RaLoRAConfig
-from lightning_ralora.adapters.schema import is_pos_int, is_power_of_two
+from lightning_ralora.adapters.ralora import SMOOTHINGS, RaLoRAConfig
+from lightning_ralora.adapters.registry import check_adapter
+from lightning_ralora.adapters.schema import LayerSpec, is_pos_int, is_power_of_two
 
 if TYPE_CHECKING:
     from lightning_ralora.rank.estimate import GIDStat
 
-VARIANTS, SCALES = PLAN_RULES, SCALE_RULES  # the names this module has always exported (and gid re-exports)
 # floor() of a ratio that is an exact integer in real arithmetic must not drop by one through rounding
 _FLOOR_EPS = 1e-9
 
@@ -121,8 +121,6 @@ def allocate_ranks(
 def validate_ralora_cfg(cfg: Mapping[str, Any]) -> list[str]:
     """Every problem of a RaLoRA-family adapter config as a GID plan: the registry's schema (`RaLoRAConfig.validate`,
     what config validation runs before any compute), with `needs_gid` set, since a plan is what is asked for."""
-    from lightning_ralora.adapters.registry import check_adapter
-
     return check_adapter({**cfg, "kind": cfg.get("kind", "ralora"), "needs_gid": True})
 
 
@@ -166,8 +164,9 @@ def build_ralora_plan(
             n_l, note = fit_blocks(blocks_for(st.erank, r_l, int(c.n_max)), int(m), int(n))
             if note:
                 notes.append(note)
-        scale = alpha / r_ref if c.scale == "alpha/r_ref" else alpha / r_l
-        spec = LayerSpec(kind="ralora", r=r_l, alpha=alpha, dropout=float(c.dropout), n_blocks=n_l, scale=scale)
+        spec = LayerSpec(
+            kind="ralora", r=r_l, alpha=alpha, dropout=float(c.dropout), n_blocks=n_l, scale=c.layer_scale(r_l)
+        )
         entries[name] = PlanEntry(
             shape=(int(m), int(n)), spec=spec, erank=st.erank, importance=st.importance, notes=notes
         )
@@ -212,23 +211,20 @@ def build_gralora_plan(
 ) -> AdapterPlan:
     """The k=auto plan: every target a GraLoRA spec of rank r with k_l from its GID (`grid_for`); r(m+n) per layer,
     as LoRA of rank r, whatever k_l."""
-    from lightning_ralora.adapters.gralora import GraLoRAConfig
-
-    problems = GraLoRAConfig.from_cfg(cfg).validate()
+    c = GraLoRAConfig.from_cfg(cfg)  # the registry's schema: its rules, and its defaults for absent keys
+    problems = c.validate()
     if problems:
         raise ValueError("invalid GraLoRA k=auto adapter config:\n  - " + "\n  - ".join(problems))
     missing = [n for n in shapes if n not in stats]
     if missing:
         raise ValueError(f"build_gralora_plan: no GID statistics for target module(s) {missing[:4]}")
-    r, k_max, r_min = int(cfg["r"]), int(cfg.get("k_max", 8)), int(cfg.get("block_r_min", 2))
-    hybrid_r, alpha = int(cfg.get("hybrid_r", 0)), float(cfg.get("alpha", 16.0))
+    r, k_max, r_min = int(c.r), int(c.k_max), int(c.block_r_min)
+    hybrid_r, alpha = int(c.hybrid_r), float(c.alpha)
     entries: dict[str, PlanEntry] = {}
     for name, (m, n) in shapes.items():
         st = stats[name]
         k, note = grid_for(st.erank, r, int(m), int(n), k_max, r_min)
-        spec = LayerSpec(
-            kind="gralora", r=r, alpha=alpha, dropout=float(cfg.get("dropout", 0.0)), k=k, hybrid_r=hybrid_r
-        )
+        spec = LayerSpec(kind="gralora", r=r, alpha=alpha, dropout=float(c.dropout), k=k, hybrid_r=hybrid_r)
         notes = [x for x in (note, st.warning) if x]
         entries[name] = PlanEntry(
             shape=(int(m), int(n)), spec=spec, erank=st.erank, importance=st.importance, notes=notes
@@ -238,7 +234,7 @@ def build_gralora_plan(
         "r_ref": r,
         "k_max": k_max,
         "block_r_min": r_min,
-        "gid_batches_cfg": int(cfg.get("gid_batches", 8)),
+        "gid_batches_cfg": int(c.gid_batches),
         "params_plan": sum((r + hybrid_r) * (int(m) + int(n)) for m, n in shapes.values()),
         "warnings": [stats[n].warning for n in shapes if stats[n].warning],
     }

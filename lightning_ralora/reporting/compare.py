@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_ralora import io
+from lightning_ralora.core import io
 from lightning_ralora.rank.plots import plot_comparison
+from lightning_ralora.run.record import RunRecord
 
 REQUIRED = ("variant", "seed", "final_metrics", "trainable_params", "total_params", "wall_time_s")
 PER_LAYER = re.compile(r"^align/(?!mean/)")  # per-layer alignment keys stay out of the table
@@ -27,10 +28,10 @@ PER_LAYER = re.compile(r"^align/(?!mean/)")  # per-layer alignment keys stay out
 
 @dataclass
 class Run:
-    """One run directory: its results.json and its logged curves {column: [(step, value), ...]}."""
+    """One run directory: its record (results.json) and its logged curves {column: [(step, value), ...]}."""
 
     path: Path
-    results: dict[str, Any]
+    record: RunRecord
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     label: str = ""
 
@@ -74,18 +75,21 @@ def load_runs(run_dirs: Sequence[str | Path]) -> list[Run]:
             problems.append(f"{res_path} not found (is {path} a finished run directory?)")
             continue
         try:
-            results = json.loads(res_path.read_text())
+            record = RunRecord.load(res_path)
         except json.JSONDecodeError as e:
             problems.append(f"{res_path}: invalid JSON ({e})")
             continue
-        missing = [k for k in REQUIRED if k not in results]
+        except ValueError as e:  # JSON, but not an object
+            problems.append(f"{res_path}: {e}")
+            continue
+        missing = record.missing(REQUIRED)
         if missing:
             problems.append(f"{res_path}: missing key(s) {missing}")
             continue
-        runs.append(Run(path, results, read_curves(path)))
+        runs.append(Run(path, record, read_curves(path)))
     if problems:
         raise FileNotFoundError("; ".join(problems))
-    labels = [f"{r.results['variant']} s{r.results['seed']}" for r in runs]
+    labels = [f"{r.record.variant} s{r.record.seed}" for r in runs]
     for run, label in zip(runs, labels, strict=True):
         run.label = label if labels.count(label) == 1 else f"{label} ({run.path.name})"
     return runs
@@ -105,7 +109,7 @@ def _fmt(v: Any) -> str:
 
 def _align_mean(run: Run, key: str) -> float | None:
     """The run's mean of an alignment metric: the callback's summary in results.json, else the CSV curve's mean."""
-    summary = ((run.results.get("callbacks") or {}).get("GradientAlignment") or {}).get("metrics") or {}
+    summary = run.record.callback_summary("GradientAlignment").get("metrics") or {}
     if key in summary:
         return float(summary[key]["mean"])
     values = [v for _, v in run.curves.get(key, [])]
@@ -114,7 +118,7 @@ def _align_mean(run: Run, key: str) -> float | None:
 
 def markdown_table(runs: list[Run], align_key: str = "align/mean/cos_f") -> str:
     """One row per run (final metrics, parameters, wall time, mean alignment); per-variant mean ± std over seeds."""
-    metric_keys = sorted({k for r in runs for k in r.results["final_metrics"] if not PER_LAYER.match(k)})
+    metric_keys = sorted({k for r in runs for k in r.record.final_metrics if not PER_LAYER.match(k)})
     header = [
         "run",
         "variant",
@@ -128,33 +132,31 @@ def markdown_table(runs: list[Run], align_key: str = "align/mean/cos_f") -> str:
     ]
     rows = []
     for r in runs:
-        res = r.results
-        pct = 100.0 * res["trainable_params"] / res["total_params"] if res["total_params"] else None
+        rec = r.record
+        pct = 100.0 * rec.trainable_params / rec.total_params if rec.total_params else None
         rows.append(
             [
                 r.label,
-                str(res["variant"]),
-                str(res["seed"]),
-                _fmt(res["trainable_params"]),
-                _fmt(res["total_params"]),
+                str(rec.variant),
+                str(rec.seed),
+                _fmt(rec.trainable_params),
+                _fmt(rec.total_params),
                 _fmt(pct),
-                _fmt(float(res["wall_time_s"])),
-                *(_fmt(res["final_metrics"].get(k)) for k in metric_keys),
+                _fmt(float(rec.wall_time_s)),
+                *(_fmt(rec.final_metrics.get(k)) for k in metric_keys),
                 _fmt(_align_mean(r, align_key)),
             ]
         )
     text = "## Runs\n\n" + io.markdown_table(header, rows) + "\n"
     by_variant: dict[str, list[Run]] = {}
     for r in runs:
-        by_variant.setdefault(str(r.results["variant"]), []).append(r)
+        by_variant.setdefault(str(r.record.variant), []).append(r)
     if any(len(v) > 1 for v in by_variant.values()):
         agg_rows = []
         for variant, group in by_variant.items():
             cells = [variant, str(len(group))]
             for k in metric_keys:
-                vals = [
-                    float(g.results["final_metrics"][k]) for g in group if g.results["final_metrics"].get(k) is not None
-                ]
+                vals = [float(g.record.final_metrics[k]) for g in group if g.record.final_metrics.get(k) is not None]
                 if not vals:
                     cells.append("–")
                 elif len(vals) == 1:

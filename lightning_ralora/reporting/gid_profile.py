@@ -15,11 +15,14 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from lightning_ralora.io import markdown_table, write_json_atomic
+from lightning_ralora.core.io import markdown_table, write_json_atomic
+from lightning_ralora.core.secrets import redact
 from lightning_ralora.rank.estimate import estimate_gid, spearman, warmup_train_mode
 from lightning_ralora.rank.plots import plot_cumulative_energy
 from lightning_ralora.rank.spectra import cumulative_energy, effective_rank, rank_for_energy, singular_values
-from lightning_ralora.run.secrets import redact
+from lightning_ralora.run.build import build_module
+from lightning_ralora.run.methods import apply_method_settings
+from lightning_ralora.run.validate import validate_config
 
 ENERGY_RANKS = (1, 2, 4, 8, 16, 32)
 ENERGY_THRESHOLD = 0.9
@@ -158,10 +161,6 @@ def profile_gid(cfg: Any) -> dict[str, Any]:
     from itertools import islice
 
     import lightning as L
-
-    from lightning_ralora.run.build import build_module
-    from lightning_ralora.run.methods import apply_method_settings
-    from lightning_ralora.run.validate import validate_config
 
     cfg = apply_method_settings(cfg)
     validate_config(cfg)

@@ -1,14 +1,14 @@
 """Expected peak memory per GPU of a run, from its config alone: weights, adapters, optimizer state, gradients,
 activations and the GID warm-up, at the configured sharding and dtypes (no weights loaded, works offline).
 
-Parameters are counted on the meta-device skeleton with the adapters injected by the training code (`inject`);
-a hub model that cannot be reached uses the architecture table `ARCH` below. `lightning-ralora-plan-memory
-[overrides] [--json]` prints the plan and writes `<run_dir>/plan_memory.json`. The formulas are in docs/fsdp.md.
+Parameters are counted on the meta-device skeleton (`modules.backbone.meta_backbone`, `adapter_sites`) with the
+adapter attached as the training code attaches it (the variant's `Attachment`); a hub model that cannot be reached
+uses the architecture table `ARCH` below. `lightning-ralora-plan-memory [overrides] [--json]` prints the plan and
+writes `<run_dir>/plan_memory.json`. The formulas are in docs/fsdp.md.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.adapters.attach import attachment
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.core.io import markdown_table, write_json_atomic
+from lightning_ralora.modules.backbone import adapter_sites, block_module_names, load_config, meta_backbone
+from lightning_ralora.rank.estimate import assign_owners
+from lightning_ralora.run.methods import apply_method_settings
+from lightning_ralora.run.validate import validate_config
+from lightning_ralora.tasks import TASKS
 
 GIB = 1024**3
 _LLAMA3_8B = {
@@ -119,8 +126,6 @@ def _dtype(name: Any, field: str) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------------------
 def offline_model_cfg(model: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
     """The model section with a buildable config: the hub/local config if readable, else the ARCH table's dims."""
-    from lightning_ralora.modules.backbone import load_config
-
     model = dict(model)
     if not model.get("pretrained"):
         return model, "model.config"
@@ -143,36 +148,19 @@ def offline_model_cfg(model: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
 def count_params(model: Mapping[str, Any], task: Mapping[str, Any], adapter: Mapping[str, Any]) -> dict[str, Any]:
     """Parameter counts on the meta skeleton: total, targets, trainable in full (heads), adapter parameters, the
     largest block (an FSDP unit) and the architecture dims the activation formula needs."""
-    from lightning_ralora.adapters.inject import find_modules, find_targets, inject
-    from lightning_ralora.adapters.plan import uniform_plan
-    from lightning_ralora.modules.adapter_module import block_module_names, spec_from_cfg
-    from lightning_ralora.modules.backbone import load_backbone
-    from lightning_ralora.tasks import TASKS
-
-    extra = {"num_labels": task["num_labels"]} if "num_labels" in task else {}
-    with torch.device("meta"):
-        skeleton, _ = load_backbone(model, extra, meta=True)
+    skeleton = meta_backbone(model, task)
     heads = TASKS[task["name"]].head_modules if task.get("name") in TASKS else ()
-    full = find_modules(skeleton, list(heads)) if heads else []
-    extra_mods = model.get("trainable_modules") or []
-    full += find_modules(skeleton, extra_mods) if extra_mods else []
-    targets = find_targets(skeleton, adapter.get("target_modules") or model["target_modules"], exclude=full)
+    sites = adapter_sites(skeleton, model, adapter, heads)
+    targets = list(sites.targets)
     total = sum(p.numel() for p in skeleton.parameters())
-    target_sizes = {t: skeleton.get_submodule(t).weight.numel() for t in targets}
+    target_sizes = {t: out * in_ for t, (out, in_) in sites.targets.items()}
     target_n = sum(target_sizes.values())
-    head_n = sum(p.numel() for n in full for p in skeleton.get_submodule(n).parameters())
+    full_params = {id(p): p for n in sites.full for p in skeleton.get_submodule(n).parameters()}  # each once
+    head_n = sum(p.numel() for p in full_params.values())
     blocks = [m for m in skeleton.modules() if type(m).__name__ in block_module_names(skeleton)]
     block_n = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=total)
     kind = adapter.get("kind")
-    adapter_n = 0
-    if kind not in ("full", None):
-        spec_cfg = dict(adapter, kind="lora", name="lora") if kind == "peft" else adapter
-        with torch.device("meta"):
-            plan = uniform_plan(skeleton, targets, spec_from_cfg(spec_cfg), str(adapter.get("name")))
-            layers = inject(skeleton, targets, plan.specs(), dtype=torch.float32)
-        adapter_n = sum(layer.num_trainable for layer in layers.values())
-        if kind == "peft" and (adapter.get("peft") or {}).get("use_dora"):
-            adapter_n += sum(layer.base.out_features for layer in layers.values())  # DoRA's magnitude vector
+    adapter_n = 0 if kind is None else attachment(kind).adapter_params(skeleton, targets, adapter)
     return {
         "total": total,
         "targets": target_n,
@@ -233,8 +221,6 @@ def gid_warmup_bytes(n: Mapping[str, Any], world: int, dtype: torch.dtype, rank0
     """Weights and gradient memory of the GID warm-up on its busiest rank: the full model, the fp32 sums this rank
     owns (rank.estimate.assign_owners over `world`; all of them when one rank runs it, as with load_on_rank0),
     one block's gradient and one fp32 copy of the largest target's gradient (half-precision models)."""
-    from lightning_ralora.rank.estimate import assign_owners
-
     sizes = n["target_sizes"]
     owners = assign_owners(sizes, 1 if rank0_only else max(world, 1))
     sums = max(sum(v for t, v in sizes.items() if owners[t] == r) for r in set(owners.values())) if sizes else 0
@@ -253,7 +239,7 @@ def tokens_per_step(task: Mapping[str, Any], dims: Mapping[str, int]) -> tuple[i
     return batch, _int(seq, "task.max_length" if "max_length" in task else "task.seq_len")
 
 
-def plan(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+def estimate_memory(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """The memory plan (bytes per GPU per component, the peak, the assumptions) of a composed run config."""
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     model, task, adapter, trainer = (dict(c.get(k) or {}) for k in ("model", "task", "adapter", "trainer"))
@@ -271,7 +257,7 @@ def plan(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
         base_dtype = half  # Lightning casts the module to the half dtype
     compute = _dtype(strat.get("param_dtype"), "trainer.strategy.param_dtype") if strat.get("param_dtype") else None
     compute = compute or half or base_dtype
-    full_ft = adapter.get("kind") == "full"
+    full_ft = adapter.get("kind") is not None and attachment(adapter["kind"]).trains_backbone
     adapter_dtype = _dtype(adapter["dtype"], "adapter.dtype") if adapter.get("dtype") else None
     adapter_dtype = adapter_dtype or torch.promote_types(base_dtype, torch.float32)
     wb, ab, cb = _bytes(base_dtype), _bytes(adapter_dtype), _bytes(compute)
@@ -346,8 +332,6 @@ ASSUMPTIONS = [
 # --------------------------------------------------------------------------------------------------------------
 def table(result: Mapping[str, Any]) -> str:
     """The plan as a small markdown table (GiB per GPU) with the total, the peak and the assumptions."""
-    from lightning_ralora.io import markdown_table
-
     rows = [[k, f"{v / GIB:.2f}"] for k, v in result["bytes"].items()]
     rows.append(["sum of the above", f"{result['total_sum'] / GIB:.2f}"])
     rows.append(["**peak (training)**", f"{result['peak'] / GIB:.2f}"])
@@ -366,19 +350,11 @@ def table(result: Mapping[str, Any]) -> str:
 
 
 def plan_memory(cfg: DictConfig) -> dict[str, Any]:
-    """Validate the non-model sections, plan, write <run_dir>/plan_memory.json and print the table (or JSON)."""
-    from lightning_ralora.io import write_json_atomic
-    from lightning_ralora.run.methods import apply_method_settings
-    from lightning_ralora.run.validate import validate_config
-
+    """Validate the non-model sections, estimate, and write <run_dir>/plan_memory.json; the estimate."""
     cfg = apply_method_settings(cfg)
     validate_config(cfg, check_model=False)
-    result = plan(cfg)
+    result = estimate_memory(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / "plan_memory.json", result)
-    print(json.dumps(result, indent=2) if _AS_JSON else table(result))
     return result
-
-
-_AS_JSON = False

@@ -13,8 +13,13 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_ralora.adapters import registry
+from lightning_ralora.core.secrets import redact, wandb_init_with_redacted_argv
+from lightning_ralora.modules.adapter_module import AdapterModule
+from lightning_ralora.run.checkpoints import AtomicCheckpointIO
+from lightning_ralora.run.cluster import requeued_ckpt, slurm_plugins, stop_callbacks
 from lightning_ralora.run.identity import IDENTITY_KEY, identity_record
-from lightning_ralora.run.secrets import redact
+from lightning_ralora.run.rundir import plan_start
 from lightning_ralora.run.tracking import run_names, wandb_mode
 
 
@@ -23,8 +28,6 @@ def build_loggers(cfg: DictConfig, identity: Mapping[str, Any] | None = None) ->
     the run's group/name/id/tags and the resolved config once (with the identity) here, `resume="allow"` (a
     resumed run continues its W&B run), and is left out with `wandb.mode=disabled`. Secrets are redacted from what
     W&B gets: config, tags and the command line it records (secrets.py)."""
-    from lightning_ralora.run.secrets import wandb_init_with_redacted_argv
-
     loggers: list = []
     for node in (cfg.get("logger") or {}).values():
         if node is None or "_target_" not in node:
@@ -46,10 +49,8 @@ def build_loggers(cfg: DictConfig, identity: Mapping[str, Any] | None = None) ->
 
 def variant_callbacks(adapter_cfg: Mapping[str, Any]) -> list[L.Callback]:
     """The schedules the variant declares in the registry (GID warm-up, SDS switch/refresh, ...)."""
-    from lightning_ralora.adapters.registry import variant_callbacks as declared
-
     cfg = OmegaConf.to_container(adapter_cfg, resolve=True) if isinstance(adapter_cfg, DictConfig) else adapter_cfg
-    return declared(dict(cfg))
+    return registry.variant_callbacks(dict(cfg))
 
 
 def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
@@ -58,20 +59,13 @@ def build_callbacks(cfg: DictConfig) -> list[L.Callback]:
     if cfg.trainer.get("enable_progress_bar", True):
         # a terminal gets a live bar; a log file (CI, SLURM) one line every 50 steps instead of thousands
         callbacks.append(L.pytorch.callbacks.TQDMProgressBar(refresh_rate=1 if sys.stderr.isatty() else 50))
-    from lightning_ralora.run.cluster import (
-        stop_callbacks,  # SIGTERM/SIGINT/SIGUSR1 -> checkpoint, record, requeue (docs/cluster.md)
-    )
-
     return callbacks + variant_callbacks(cfg.adapter) + stop_callbacks()
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """`cfg.trainer` as Trainer arguments; entries with a `_target_` (strategy, profiler, ...) are instantiated. Unless
-    `trainer.plugins` is set: checkpoints are written atomically (rundir.AtomicCheckpointIO) and, inside SLURM,
+    `trainer.plugins` is set: checkpoints are written atomically (checkpoints.AtomicCheckpointIO) and, inside SLURM,
     Lightning's own requeue is off (cluster.StopOnSignal owns the signals)."""
-    from lightning_ralora.run.cluster import slurm_plugins
-    from lightning_ralora.run.rundir import AtomicCheckpointIO
-
     raw = OmegaConf.to_container(cfg.trainer, resolve=True)
     kwargs = {k: hydra.utils.instantiate(v) if isinstance(v, dict) and "_target_" in v else v for k, v in raw.items()}
     if "plugins" not in kwargs:
@@ -83,9 +77,6 @@ def resolve_ckpt(cfg: DictConfig, run_dir: Path):
     """Where this run starts (rundir.plan_start): the checkpoint to resume from, or a completed run to keep. A job
     requeued on SIGUSR1 resumes from the checkpoint its <run_dir>/requeue.json names, whatever ckpt_path says; a
     bad `ckpt_path` (missing, truncated, no checkpoint for `last`) is a ConfigError before any compute."""
-    from lightning_ralora.run.cluster import requeued_ckpt
-    from lightning_ralora.run.rundir import plan_start
-
     return plan_start(
         {"ckpt_path": cfg.get("ckpt_path"), "fresh": cfg.get("fresh", False)}, run_dir, requeued_ckpt(run_dir)
     )
@@ -93,8 +84,6 @@ def resolve_ckpt(cfg: DictConfig, run_dir: Path):
 
 def build_module(cfg: DictConfig, run_dir: Path | None = None):
     """The AdapterModule a composed config describes (backbone built, adapters not yet injected)."""
-    from lightning_ralora.modules.adapter_module import AdapterModule
-
     parts = (OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "task", "adapter", "optim"))
     return AdapterModule(*parts, seed=cfg.seed, run_dir=str(run_dir) if run_dir else None)
 

@@ -12,8 +12,8 @@ from typing import NoReturn, TypeVar
 
 from omegaconf import DictConfig, open_dict
 
+from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.run.catalog import register_experiments
-from lightning_ralora.run.errors import ConfigError
 from lightning_ralora.run.resolvers import register_resolvers
 
 register_resolvers()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from lightning_ralora.io import atomic_write
+from lightning_ralora.core.io import atomic_write
 from lightning_ralora.modules.adapter_module import checkpoint_metadata_file
 
 

@@ -12,6 +12,11 @@ example in the suite's order ({"completion": ...}, {"completions": [...]} for n 
 FastChat's {"question_id", "choices": [{"turns": [...]}]} for MT-Bench), matched by `task_id` / `id` /
 `question_id` instead when the lines carry one. RUN needs no checkpoint and is created if missing; its saved config
 (results.json or the checkpoint), when there is one, gives the prompt template.
+
+`eval.backend=openai eval.base_url=URL eval.model=NAME` has a serving engine generate (docs/serving.md): the model
+is not loaded here (the server has it, usually RUN/export); the run's config, tokenizer (RUN/export's, else its
+`model.tokenizer`) and template still shape the prompts. The endpoint must answer and serve NAME before anything
+runs.
 """
 
 from __future__ import annotations
@@ -22,9 +27,27 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from transformers import GenerationConfig
 
+from lightning_ralora.data.tokenizer import load_tokenizer
+from lightning_ralora.evaluation.base import EvalConfigError, EvalDataError
+from lightning_ralora.evaluation.completions import attach_completions
+from lightning_ralora.evaluation.endpoint import EndpointError
+from lightning_ralora.evaluation.runner import (
+    prepare,
+    run_jobs,
+    run_template,
+    run_test_stage,
+    suite_names,
+    template_tokenizer,
+)
+from lightning_ralora.evaluation.serving import ServedModel, ServedTask, check_decoding, connect
+from lightning_ralora.modules.adapter_module import AdapterModule
 from lightning_ralora.run.build import trainer_kwargs
+from lightning_ralora.run.checkpoints import newest_intact_checkpoint
 from lightning_ralora.run.compose import CONF_DIR
+from lightning_ralora.run.record import RunRecord
+from lightning_ralora.run.rundir import is_rank_zero
 
 TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision", "num_nodes")
 
@@ -36,8 +59,6 @@ class EvalInputError(ValueError):
 def find_model(run_dir: Path) -> tuple[Path | None, Path | None]:
     """(the run's newest intact checkpoint, RUN/export) where present; EvalInputError when neither is. A truncated
     checkpoint is never loaded: an older intact one is used, naming the skipped file."""
-    from lightning_ralora.run.rundir import newest_intact_checkpoint
-
     if not run_dir.is_dir():
         raise EvalInputError(f"run_dir={run_dir}: directory not found")
     ckpt, skipped = newest_intact_checkpoint(run_dir)
@@ -71,8 +92,6 @@ def saved_run_config(run_dir: Path, ckpt: Path | None) -> dict[str, Any]:
 
 def load_module(run_cfg: dict[str, Any], ckpt: Path | None, export: Path | None):
     """The trained AdapterModule: from the checkpoint (adapter structure and weights), else the merged export."""
-    from lightning_ralora.modules.adapter_module import AdapterModule
-
     if ckpt is not None:
         return AdapterModule.from_checkpoint(ckpt)
     model = {**run_cfg["model"], "pretrained": str(export), "tokenizer": str(export), "config": None}
@@ -109,16 +128,6 @@ def _print_metrics(metrics: dict[str, dict[str, float]], run_dir: Path) -> None:
 def score_completions(cfg: DictConfig) -> dict[str, dict[str, float]]:
     """`eval.completions=FILE`: every check (suites, data, the file against the examples) before anything runs,
     then the suites' own `run` and scoring on the file's completions; outputs as a model's evaluation."""
-    from lightning_ralora.evaluation.base import EvalDataError
-    from lightning_ralora.evaluation.runner import (
-        EvalConfigError,
-        attach_completions,
-        prepare,
-        run_jobs,
-        run_template,
-        template_tokenizer,
-    )
-
     run_dir = Path(cfg.run_dir)
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     try:
@@ -138,24 +147,61 @@ def score_completions(cfg: DictConfig) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def evaluate_run(cfg: DictConfig) -> dict[str, dict[str, float]]:
-    """Check the input, load the run's model, and evaluate it in Lightning's test stage."""
-    import lightning as L
+def served_model(run_dir: Path, run_cfg: dict[str, Any]) -> ServedModel:
+    """The run as `eval.backend=openai` evaluates it: its task config, seed and tokenizer (RUN/export's, the served
+    model's, else `model.tokenizer`) and RUN/export's generation config (None: transformers' defaults)."""
+    export = run_dir / "export"
+    source = str(export) if (export / "config.json").is_file() else (run_cfg.get("model") or {}).get("tokenizer")
+    try:
+        tok = load_tokenizer(source)
+    except (OSError, ValueError) as err:
+        msg = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
+        raise EvalInputError(f"eval.backend=openai encodes prompts with the run's tokenizer {source}: {msg}") from None
+    has_config = (export / "generation_config.json").is_file()
+    generation = GenerationConfig.from_pretrained(export) if has_config else None
+    return ServedModel(ServedTask(run_cfg.get("task") or {}, run_cfg.get("seed"), tok), generation)
 
-    from lightning_ralora.evaluation.base import EvalDataError
-    from lightning_ralora.evaluation.runner import (
-        EvalConfigError,
-        prepare,
-        run_template,
-        run_test_stage,
-        suite_names,
-        template_tokenizer,
-    )
+
+def evaluate_served(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """`eval.backend=openai`: check the run, the suites and the endpoint (it answers, serves `eval.model`, can
+    decode as the suites' protocols do), then generate through it; the model is never loaded here."""
+    run_dir = Path(cfg.run_dir)
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    try:
+        ckpt = newest_intact_checkpoint(run_dir)[0] if not (run_dir / "results.json").is_file() else None
+        run_cfg = saved_run_config(run_dir, ckpt)
+        served = served_model(run_dir, run_cfg)
+        template = cfg.eval.get("template") or run_template(run_cfg)
+        family, task = (run_cfg.get("model") or {}).get("family"), (run_cfg.get("task") or {}).get("name")
+        jobs = prepare(eval_cfg, template, family, served.task.tokenizer, run_task=task)
+        client, engine = connect(eval_cfg)
+        check_decoding({job.name: job.suite for job in jobs}, engine, client.where)
+    except (EvalInputError, EvalConfigError, EvalDataError, EndpointError) as err:
+        raise EvalInputError(str(err)) from err
+    metrics = run_jobs(served, jobs, eval_cfg, run_dir)
+    _print_metrics(metrics, run_dir)
+    return metrics
+
+
+def evaluate_run(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Evaluate the run (`_evaluate`) and add the metrics to its results.json `eval`, when it has one (rank 0)."""
+    metrics = _evaluate(cfg)
+    if metrics and is_rank_zero():
+        RunRecord.add_eval(cfg.run_dir, metrics)
+    return metrics
+
+
+def _evaluate(cfg: DictConfig) -> dict[str, dict[str, float]]:
+    """Check the input, load the run's model, and evaluate it in Lightning's test stage (`eval.backend=openai`:
+    generate through the endpoint instead, `evaluate_served`)."""
+    import lightning as L
 
     run_dir = Path(cfg.run_dir)
     try:
         if not suite_names(cfg.eval):
             raise EvalInputError(f"no suite selected: pass eval=<suite> (one of {eval_groups()}) or eval.suites=[...]")
+        if cfg.eval.get("backend") == "openai" and not cfg.eval.get("completions"):
+            return evaluate_served(cfg)
         if not cfg.eval.get("completions"):
             ckpt, export = find_model(run_dir)
             run_cfg = saved_run_config(run_dir, ckpt)

@@ -4,14 +4,15 @@ sweep."""
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
 from omegaconf import DictConfig
 
-from lightning_ralora.run.record import print_sweep_summary
-from lightning_ralora.run.secrets import HYDRA_FILES, config_secrets, redact_yaml_file
+from lightning_ralora.core.secrets import HYDRA_FILES, config_secrets, redact_yaml_file
+from lightning_ralora.run.record import SWEEP_ID_ENV, print_sweep_summary
 
 
 class RedactHydraFiles(HydraCallback):
@@ -38,10 +39,6 @@ class SweepSummary(HydraCallback):
     failed: int = 0
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        import uuid
-
-        from lightning_ralora.run.rundir import SWEEP_ID_ENV
-
         os.environ[SWEEP_ID_ENV] = uuid.uuid4().hex[:12]
         SweepSummary.failed = 0
 

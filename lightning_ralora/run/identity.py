@@ -21,9 +21,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.core.secrets import is_secret_path, literal_secrets, override_secret, redact
+from lightning_ralora.modules.adapter_module import checkpoint_metadata_file
 from lightning_ralora.run.methods import apply_method_settings, command_line
-from lightning_ralora.run.secrets import is_secret_path, literal_secrets, override_secret, redact
 
 IDENTITY_KEY = "run_identity"  # the checkpoint's entry: {"hash": ..., "keys": {dotted key: value}}
 
@@ -125,8 +126,6 @@ def wandb_id(label: str, seed: Any) -> str:
 def checkpoint_identity(ckpt_path: str | Path) -> dict[str, Any] | None:
     """The identity a Lightning checkpoint was written under (None for checkpoints from before identities)."""
     import torch
-
-    from lightning_ralora.modules.adapter_module import checkpoint_metadata_file  # a sharded checkpoint: its meta.pt
 
     ckpt = torch.load(checkpoint_metadata_file(ckpt_path), map_location="cpu", weights_only=True, mmap=True)
     return ckpt.get(IDENTITY_KEY) if isinstance(ckpt, Mapping) else None

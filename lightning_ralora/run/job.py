@@ -1,8 +1,6 @@
-"""Hydra entry point: `lightning-ralora-train [overrides]` (or `python -m lightning_ralora.cli.train`).
-
-The configs ship in the package (lightning_ralora/conf, CONF_DIR); add your own config directory with
-`hydra.searchpath=[file:///path/to/my_conf]`. The pieces a run is built from live in run.py.
-"""
+"""One training job, from a composed config to its record: validate, claim the run dir, build (run/build.py), fit,
+validate, evaluate, record (run/record.py), with every outcome (failure, divergence, stop signal) recorded. The
+command line is lightning_ralora/cli/train.py."""
 
 from __future__ import annotations
 
@@ -17,6 +15,8 @@ import torch
 from omegaconf import DictConfig
 
 from lightning_ralora.callbacks.divergence import Diverged
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.core.signals import Interrupted, StopRequest, check_stop, install_stop_handlers
 from lightning_ralora.evaluation.runner import prepare_training_eval, run_test_stage
 from lightning_ralora.run.build import (
     RunIdentity,
@@ -26,26 +26,14 @@ from lightning_ralora.run.build import (
     resolve_ckpt,
     trainer_kwargs,
 )
-from lightning_ralora.run.cluster import (
-    Interrupted,
-    StopRequest,
-    check_stop,
-    in_hydra_multirun,
-    install_stop_handlers,
-)
+from lightning_ralora.run.checkpoints import remove_stale_temporaries
+from lightning_ralora.run.cluster import in_hydra_multirun
 from lightning_ralora.run.compose import config_error_exit
-from lightning_ralora.run.errors import ConfigError
 from lightning_ralora.run.identity import check_resume_identity
 from lightning_ralora.run.methods import apply_method_settings
-from lightning_ralora.run.record import (
-    failure_record,
-    peak_memory,
-    print_sweep_summary,
-    rank_digests,
-    results_record,
-    summary,
-)
-from lightning_ralora.run.rundir import claim, fresh_starts, is_rank_zero, remove_stale_temporaries, write_record
+from lightning_ralora.run.outcome import failure_record, peak_memory, rank_digests, results_record
+from lightning_ralora.run.record import RunRecord, print_sweep_summary, summary
+from lightning_ralora.run.rundir import claim, fresh_starts, is_rank_zero
 from lightning_ralora.run.tracking import finish_wandb, log_run_files
 from lightning_ralora.run.validate import validate_config
 
@@ -67,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             print(note, file=sys.stderr, flush=True)
         if start.skip is not None:  # ckpt_path=auto on a completed run: kept as it is
             if is_rank_zero():
-                write_record(run_dir, {"status": "skipped", "error": "completed earlier; kept (ckpt_path=auto)"})
+                RunRecord(status="skipped", error="completed earlier; kept (ckpt_path=auto)").save(run_dir)
             return start.skip
         identity = check_resume_identity(cfg, start.ckpt)  # a changed identity key fails here, before any compute
         identity["fresh_starts"] = fresh_starts(run_dir)  # a run started over in its dir is a new W&B run
@@ -104,17 +92,16 @@ def _fit_and_record(cfg: DictConfig, run_dir: Path, ckpt: str | None, identity, 
         digests = rank_digests(module)
         final = trainer.validate(module, datamodule=datamodule, verbose=False)
         eval_metrics = run_test_stage(trainer, module, eval_jobs, cfg.eval, run_dir) if eval_jobs else None
-        results = results_record(cfg, trainer, module, final, digests, time.time() - start, fit_stats, identity)
-        if eval_metrics is not None:
-            results["eval"] = eval_metrics
+        record = results_record(cfg, trainer, module, final, digests, time.time() - start, fit_stats, identity)
+        record.eval = eval_metrics
         if cfg.get("export"):  # every rank: under FSDP2 the merge gathers the shards; rank 0 writes
-            results["export_dir"] = str(module.export(run_dir / "export"))
+            record.export_dir = str(module.export(run_dir / "export"))
         if trainer.is_global_zero:
-            write_record(run_dir, results)
+            record.save(run_dir)
             log_run_files(trainer, run_dir, module)
-            print(summary(results, run_dir), flush=True)
+            print(summary(record, run_dir), flush=True)
         exit_code = 0
-        return results
+        return record.to_dict()
     except Interrupted as stop:
         exit_code = stop.exit_code
         raise
@@ -143,8 +130,8 @@ def run_job(cfg: DictConfig, prog: str = "lightning-ralora-train") -> dict[str, 
             config_error_exit(prog, err)
         record = failure_record(cfg, err)
         if multirun:
-            print(f"{prog}: job failed ({record['status']}): {record['error']}", file=sys.stderr, flush=True)
-            return record
+            print(f"{prog}: job failed ({record.status}): {record.error}", file=sys.stderr, flush=True)
+            return record.to_dict()
         if isinstance(err, Diverged):
             print(f"{prog}: {err}", file=sys.stderr, flush=True)
             sys.exit(1)
@@ -159,7 +146,7 @@ def _record_stop(cfg: DictConfig, stop: Interrupted, prog: str, multirun: bool) 
     record = failure_record(cfg, stop)
     if stop.requeued and is_rank_zero():
         stop.requeue()
-    print(f"{prog}: {record['error']}; to resume: {record['resume']}", file=sys.stderr, flush=True)
+    print(f"{prog}: {record.error}; to resume: {record.resume}", file=sys.stderr, flush=True)
     if multirun:
         _stop_sweep(stop.signum)
     sys.exit(stop.exit_code)

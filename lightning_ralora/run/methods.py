@@ -21,7 +21,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning_ralora.tasks.classification import GLUE_TASKS, glue_task_name
+
 N_TRAIN = 48  # training rows (a 20 % hold-out leaves ~38, i.e. ~9 batches of 4)
 N_EVAL = 4  # rows per evaluation file
 N_COMMONSENSE = 2  # rows per commonsense subset (eight subsets)
@@ -34,8 +36,6 @@ def _glue(task: str | None) -> Rows:
     """GLUE-format rows (the task's text columns and `label`); a `text`/`label` pair without a GLUE task."""
     if task in (None, "None", "null"):
         return [{"text": f"{'good' if i % 2 else 'bad'} item {i}", "label": i % 2} for i in range(N_TRAIN)]
-    from lightning_ralora.tasks.classification import GLUE_TASKS, glue_task_name
-
     spec = GLUE_TASKS[glue_task_name(task)]
     rows = []
     for i in range(N_TRAIN):

@@ -1,4 +1,4 @@
-"""OmegaConf resolvers the experiment configs use (registered when `lightning_ralora` is imported).
+"""OmegaConf resolvers the experiment configs use (registered when lightning_ralora.run.compose is imported).
 
 - `${mul:2,${adapter.r}}`: the product of the arguments (GraLoRA's alpha = 2r).
 - `${add:${adapter.r},${adapter.hybrid_r}}`: the sum of the arguments.
@@ -16,6 +16,7 @@ import math
 
 from omegaconf import OmegaConf
 
+from lightning_ralora.evaluation.image import IMAGE_DATASETS
 from lightning_ralora.run.identity import run_label_resolver
 from lightning_ralora.run.rehearsal import rehearsal_data
 
@@ -42,8 +43,6 @@ def gralora_k(r: int) -> int:
 
 def image_dataset(name: str, field: str) -> str | int | None:
     """A field of IMAGE_DATASETS[name] (cars, cub200, dtd, food101, sun397); one error naming the allowed keys."""
-    from lightning_ralora.evaluation.image import IMAGE_DATASETS
-
     key = str(name).lower()
     if key not in IMAGE_DATASETS:
         raise ValueError(f"image_set={name!r} unknown; allowed: {sorted(IMAGE_DATASETS)} (or set task.dataset)")

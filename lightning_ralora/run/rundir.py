@@ -3,10 +3,9 @@
 - **Lock**: `<run_dir>/.lock` (host, pid, SLURM job) refuses a second run into the same directory; it is released on
   exit and taken over when stale (its process is gone on this host, it belongs to this SLURM job's earlier attempt,
   or its heartbeat stopped for `STALE_AFTER_S` on another host).
-- **Records**: every failed, interrupted or skipped attempt is kept in `<run_dir>/attempts/`; `results.json` is only
-  ever replaced by a completed run (or holds the latest attempt while no run has completed).
-- **Checkpoints**: written atomically (`AtomicCheckpointIO`); checked before a resume (`checkpoint_problem`), so a
-  truncated file is never loaded; `ckpt_path=last` is the newest intact checkpoint of this run.
+- **Records** (run/record.py): every failed, interrupted or skipped attempt is kept in `<run_dir>/attempts/`;
+  `results.json` is only ever replaced by a completed run.
+- **Checkpoints** (run/checkpoints.py): written atomically, checked before a resume.
 - **Start**: a run dir that holds an earlier run is resumed or started over only when asked (`ckpt_path=last|auto`,
   `fresh=true`), never silently.
 """
@@ -20,33 +19,22 @@ import socket
 import sys
 import threading
 import time
-import zipfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-
-from lightning_ralora.io import atomic_write, write_json_atomic
-from lightning_ralora.run.errors import ConfigError
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.run.checkpoints import CHECKPOINTS, checkpoint_problem, checkpoint_step, newest_intact_checkpoint
+from lightning_ralora.run.record import ATTEMPTS, RESULTS, read_json, timestamp
 
 LOCK_NAME = ".lock"
-ATTEMPTS = "attempts"
-RESULTS = "results.json"
-CHECKPOINTS = "checkpoints"
 HEARTBEAT_S = 30.0  # the lock holder touches the lock this often
 STALE_AFTER_S = 300.0  # a lock from another host untouched this long belongs to a dead run
-SWEEP_ID_ENV = "LIGHTNING_RALORA_SWEEP_ID"  # set by the sweep summary callback; records carry it (run.SweepSummary)
 # what a run writes in its dir (moved aside by a fresh start; anything else, e.g. a user's data file, stays)
 RUN_OUTPUTS = {RESULTS, "eval.json", "eval", CHECKPOINTS, "csv", "wandb", "export", "requeue.json", "load_bytes.json"}
 RUN_OUTPUT_PREFIXES = ("gid",)  # gid.json, gid.png, gid_energy.png, gid_profile.*, gid_over_training.*
-
-
-def _now() -> str:
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"{time.time() % 1:.6f}"[1:].replace(".", "-")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -164,132 +152,11 @@ def claim(run_dir: str | Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------------------
 # records: a completed results.json is never replaced by a failed attempt
 # --------------------------------------------------------------------------------------------------------------
-def read_json(path: str | Path) -> dict[str, Any] | None:
-    """A JSON object from `path`, or None when it is absent or unreadable."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def write_record(run_dir: str | Path, record: Mapping[str, Any]) -> Path:
-    """Record one attempt of a run. A completed record becomes results.json (an earlier results.json is kept in
-    attempts/ first); any other (failed, interrupted, skipped) goes to attempts/<time>-<status>.json and also to
-    results.json while that holds no completed run (so every attempt is in attempts/ or is the completed
-    results.json). Returns where the record is authoritative."""
-    run_dir = Path(run_dir)
-    record = {"sweep_id": os.environ.get(SWEEP_ID_ENV), **record, "recorded_at": time.time()}
-    status = record.get("status", "completed")
-    results = run_dir / RESULTS
-    earlier = read_json(results)
-    if status == "completed":
-        if earlier is not None and earlier.get("status", "completed") == "completed":  # others are in attempts/
-            write_json_atomic(run_dir / ATTEMPTS / f"{_now()}-completed.json", earlier)
-        return write_json_atomic(results, record)
-    attempt = write_json_atomic(run_dir / ATTEMPTS / f"{_now()}-{status}.json", record)
-    if status != "skipped" and (earlier is None or earlier.get("status", "completed") != "completed"):
-        write_json_atomic(results, record)
-    return attempt
-
-
-def records_of_sweep(sweep_dir: str | Path, sweep_id: str | None) -> dict[Path, dict[str, Any]]:
-    """{job dir: its latest record written by this sweep} (results.json and attempts/ whose `sweep_id` matches; with
-    no id, every job's results.json)."""
-    latest: dict[Path, dict[str, Any]] = {}
-    for path in sorted(Path(sweep_dir).rglob("*.json")):
-        job = path.parent.parent if path.parent.name == ATTEMPTS else path.parent
-        if path.name != RESULTS and path.parent.name != ATTEMPTS:
-            continue
-        record = read_json(path) or ({"status": "unreadable"} if path.name == RESULTS else None)
-        if record is None or (sweep_id is not None and record.get("sweep_id") != sweep_id):
-            continue
-        if job not in latest or record.get("recorded_at", 0) >= latest[job].get("recorded_at", 0):
-            latest[job] = record
-    return latest
 
 
 # --------------------------------------------------------------------------------------------------------------
 # checkpoints: written atomically, checked before use
 # --------------------------------------------------------------------------------------------------------------
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, atomic on every filesystem: the checkpoint goes to a temporary file in its own
-    directory and is renamed over the old one once flushed and fsynced (`io.atomic_write`), so the previous good
-    checkpoint stays until the new one is complete and a full disk never leaves a partial file under a valid name.
-    (Lightning's own writer stages the file in $TMPDIR, and the move becomes a copy in place across filesystems.)"""
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):  # remote storage: Lightning's fsspec writer
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def checkpoint_problem(path: str | Path) -> str | None:
-    """What makes `path` unusable as a Lightning checkpoint (missing, empty, truncated, not a torch archive), or None.
-    Checks the zip archive's directory and every member's extent against the file size (what truncation breaks)
-    and the CRC of its pickled index; a sharded (FSDP2) directory needs its metadata files."""
-    path = Path(path)
-    if not path.exists():
-        return "not found"
-    if path.is_dir():
-        from lightning.fabric.utilities.load import _METADATA_FILENAME
-
-        missing = [n for n in (_METADATA_FILENAME, ".metadata") if not (path / n).is_file()]
-        if missing:
-            return f"is a directory without {' and '.join(missing)} (not a complete sharded checkpoint)"
-        return checkpoint_problem(path / _METADATA_FILENAME)
-    size = path.stat().st_size
-    if size == 0:
-        return "is empty (0 bytes)"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = archive.infolist()
-            for info in members:
-                if info.header_offset + info.compress_size > size:
-                    return f"is truncated ({size} bytes; member {info.filename} ends past the end)"
-            index = next((i for i in members if i.filename.endswith("data.pkl")), None)
-            if index is None:
-                return "is a zip archive without data.pkl (not a torch checkpoint)"
-            archive.read(index)  # CRC-checked
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
-        return f"is not a complete torch checkpoint ({size} bytes: {err})"
-    return None
-
-
-def checkpoint_step(path: str | Path) -> int | None:
-    """The `global_step` a checkpoint was saved at (None when it cannot be read)."""
-    from lightning_ralora.modules.adapter_module import checkpoint_metadata_file
-
-    try:
-        ckpt = torch.load(checkpoint_metadata_file(path), map_location="cpu", weights_only=False, mmap=True)
-        return int(ckpt.get("global_step")) if isinstance(ckpt, Mapping) else None
-    except Exception:  # noqa: BLE001 - only for messages
-        return None
-
-
-def newest_intact_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str]]:
-    """The newest checkpoint under <run_dir>/checkpoints that passes `checkpoint_problem` (last.ckpt first among
-    equals), and one line per newer one that was skipped."""
-    folder = Path(run_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return None, []
-    candidates = [p for p in folder.iterdir() if p.name.endswith(".ckpt") and not p.name.startswith(".")]
-    candidates.sort(key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt"), reverse=True)
-    skipped = []
-    for path in candidates:
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path, skipped
-        skipped.append(f"{path} {problem}")
-    return None, skipped
-
-
-def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete the temporary files an interrupted atomic write left (only the lock holder calls this)."""
-    for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS, Path(run_dir) / ATTEMPTS):
-        if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
-                tmp.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -331,7 +198,7 @@ def archive_earlier_run(run_dir: str | Path) -> Path | None:
     items = [p for p in run_dir.iterdir() if p.name in RUN_OUTPUTS or p.name.startswith(RUN_OUTPUT_PREFIXES)]
     if not items:
         return None
-    dest = run_dir / ATTEMPTS / _now()
+    dest = run_dir / ATTEMPTS / timestamp()
     dest.mkdir(parents=True)
     for item in items:
         shutil.move(str(item), dest / item.name)

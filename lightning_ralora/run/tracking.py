@@ -12,8 +12,8 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
+from lightning_ralora.core.secrets import config_secrets, redact
 from lightning_ralora.run.identity import identity_record
-from lightning_ralora.run.secrets import config_secrets, redact
 
 
 def run_names(cfg: DictConfig, identity: Mapping[str, Any] | None = None) -> dict[str, Any]:

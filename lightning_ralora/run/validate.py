@@ -16,7 +16,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_ralora.adapters.base import AdapterLayer
-from lightning_ralora.adapters.registry import VARIANTS, adapter_config, check_adapter, import_plugins
+from lightning_ralora.adapters.inject import find_modules
+from lightning_ralora.adapters.registry import adapter_config, check_adapter, import_plugins
 from lightning_ralora.adapters.schema import (
     is_int,
     is_number,
@@ -27,19 +28,10 @@ from lightning_ralora.adapters.schema import (
     pos_number,
     unit_interval,
 )
-from lightning_ralora.modules.backbone import FAMILIES, build_backbone
+from lightning_ralora.core.errors import ConfigError, one_line
+from lightning_ralora.modules.backbone import FAMILIES, adapter_sites, meta_backbone
 from lightning_ralora.run.cluster import launcher_problems
-from lightning_ralora.run.errors import ConfigError, one_line
 from lightning_ralora.tasks import TASKS
-
-# the kinds registered at import (kept for callers); the registry (`adapters.registry.VARIANTS`) is the source
-ADAPTER_KINDS = tuple(VARIANTS)
-
-
-def _positive_int(value: Any) -> bool:
-    """Kept for callers; see `adapters.schema.is_pos_int`."""
-    return is_pos_int(value)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # trainer
@@ -279,13 +271,14 @@ def _names(names: list[str]) -> str:
     return ", ".join(names[:3]) + more
 
 
-def _check_shapes(model, targets: list[str], a: Mapping[str, Any], rehearsal: bool = False) -> list[str]:
-    """The variant's per-layer shape rules (GraLoRA k | in, out; SDS r <= min(in, out)) on every target, one line
-    per distinct problem listing the targets it hits; then its ranks (`rank_limits`) against the smallest
-    min(in, out) of the targets, one line per field. Under `debug=rehearsal` (a width-64 stand-in for the real model,
-    the adapter unchanged) a rank that only wastes parameters is let through; one that cannot be built is not."""
+def _check_shapes(targets: Mapping[str, tuple[int, int]], a: Mapping[str, Any], rehearsal: bool = False) -> list[str]:
+    """The variant's per-layer shape rules (GraLoRA k | in, out; SDS r <= min(in, out)) on every target ({name:
+    (out, in)}), one line per distinct problem listing the targets it hits; then its ranks (`rank_limits`) against the
+    smallest min(in, out) of the targets, one line per field. Under `debug=rehearsal` (a width-64 stand-in for the
+    real model, the adapter unchanged) a rank that only wastes parameters is let through; one that cannot be built
+    is not."""
     schema = adapter_config(a)
-    dims = {name: (model.get_submodule(name).in_features, model.get_submodule(name).out_features) for name in targets}
+    dims = {name: (i, o) for name, (o, i) in targets.items()}
     hits: dict[str, list[str]] = {}
     for name, (i, o) in dims.items():
         ranks = schema.rank_problems(i, o)
@@ -312,42 +305,36 @@ def _check_shapes(model, targets: list[str], a: Mapping[str, Any], rehearsal: bo
 
 
 def _check_model(model: dict, task: dict, adapter: dict, rehearsal: bool = False) -> list[str]:
-    from lightning_ralora.adapters.inject import find_modules, find_targets
-
-    extra = {"num_labels": task["num_labels"]} if "num_labels" in task else {}
+    """On the meta-device skeleton: the task's head and `model.trainable_modules` exist, the target patterns match
+    linear layers outside them (`modules.backbone.adapter_sites`), and the adapter fits every target's shape."""
     try:
-        skeleton = build_backbone(model, extra, meta=True)
+        skeleton = meta_backbone(model, task)
     except Exception as err:  # noqa: BLE001 - reported with the field that caused it
         where = f"model.pretrained={model['pretrained']!r}" if model.get("pretrained") else "model.config"
         return [f"{where} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:300]})"]
     problems = []
     heads = TASKS[task["name"]].head_modules
-    full = find_modules(skeleton, list(heads)) if heads else []
-    if heads and not full:
+    if heads and not find_modules(skeleton, list(heads)):
         problems.append(
             f"task={task['name']} adds a head, but model.family={model['family']!r} has no module named one of "
             f"{list(heads)}; name the head in model.trainable_modules"
         )
     extra = model.get("trainable_modules") or []
     for entry in [extra] if isinstance(extra, str) else extra:  # a regex, or a list of suffixes
-        found = find_modules(skeleton, entry if isinstance(extra, str) else [entry])
-        if not found:
+        if not find_modules(skeleton, entry if isinstance(extra, str) else [entry]):
             problems.append(f"model.trainable_modules entry {entry!r} matches no module of the model")
-        full += found
-    patterns = adapter.get("target_modules") or model["target_modules"]
     try:
-        targets = find_targets(skeleton, patterns, exclude=full)
+        sites = adapter_sites(skeleton, model, adapter, heads)
     except ValueError as err:
         return [*problems, str(err)]
     if problems:
         return problems
     if any(isinstance(m, AdapterLayer) for m in skeleton.modules()):
         return ["model already contains adapter layers"]
-    return _check_shapes(skeleton, targets, adapter, rehearsal)
+    return _check_shapes(sites.targets, adapter, rehearsal)
 
 
 __all__ = [
-    "ADAPTER_KINDS",
     "ConfigError",
     "check_accelerator",
     "check_callbacks",

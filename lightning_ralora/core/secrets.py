@@ -19,6 +19,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_ralora.core.io import atomic_write
+
 REDACTED = "<redacted>"
 # environment variables holding credentials: the well-known ones and any *_TOKEN/_KEY/_SECRET/_PASSWORD
 SECRET_ENV = re.compile(
@@ -167,8 +169,6 @@ def wandb_init_with_redacted_argv() -> None:
 def redact_yaml_file(path: str | Path, extra: Iterable[Any] = ()) -> bool:
     """Rewrite a YAML file Hydra wrote (`.hydra/config.yaml`, `multirun.yaml`, ...) with `redact` applied,
     atomically; untouched when it holds no secret. True when it was rewritten."""
-    from lightning_ralora.io import atomic_write
-
     path = Path(path)
     if not path.is_file():
         return False
