@@ -10,6 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from lightning_ralora.cli.plan_memory import main as plan_memory_main
 from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.reporting.memory_plan import estimate_memory, sharding
 from lightning_ralora.run.compose import compose_config
@@ -137,10 +138,9 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys) -> None:
     import json
     import sys
 
-    from lightning_ralora.reporting.memory_plan import plan_memory as memory_plan
 
     monkeypatch.setattr(sys, "argv", ["lightning-ralora-plan-memory", f"hydra.run.dir={tmp_path}", "--json"])
-    memory_plan.main()
+    plan_memory_main()
     written = json.loads((tmp_path / "plan_memory.json").read_text())
     assert json.loads(capsys.readouterr().out)["peak"] == written["peak"] > 0
 

@@ -43,7 +43,7 @@ FIXTURES = Path(__file__).parent / "fixtures"
 QUESTIONS = FIXTURES / "mt_bench_questions.jsonl"
 REFERENCES = FIXTURES / "mt_bench_reference_gpt4.jsonl"
 FASTCHAT_PROMPTS = FIXTURES / "mt_bench_fastchat_judge_prompts.jsonl"
-CONF = Path(__file__).parents[1] / "lightning_ralora" / "conf" / "eval"
+CONF = Path(__file__).parents[1] / "conf" / "eval"
 KEY = "sk-test-SECRET-4242"
 
 # FastChat common.py, written out from reading it: NEED_REF_CATS and temperature_config; gen_model_answer.py uses

@@ -30,7 +30,15 @@ from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.data.tokenizer import byte_tokenizer
 from lightning_ralora.evaluation.endpoint import EndpointError
 from lightning_ralora.evaluation.gsm8k import REFERENCE_STOP
-from lightning_ralora.evaluation.serving import EndpointGenerate, client_of, detect_engine, request_seed
+from lightning_ralora.evaluation.runner import evaluate
+from lightning_ralora.evaluation.serving import (
+    EndpointGenerate,
+    ServedModel,
+    ServedTask,
+    client_of,
+    detect_engine,
+    request_seed,
+)
 from lightning_ralora.run.job import train
 from tests.conftest import make_cfg
 from tests.helpers import StubJudge, serve_judge
@@ -61,7 +69,9 @@ class StubEngine(StubJudge):
         self.wfile.write(body)
 
     def do_POST(self) -> None:  # noqa: N802
-        """POST /v1/completions."""
+        """POST /v1/completions (and /v1/chat/completions: the judge's, as StubJudge answers it)."""
+        if self.path.endswith("/chat/completions"):
+            return super().do_POST()
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         server = self.server
         with server.lock:
@@ -224,6 +234,31 @@ def test_requests_run_concurrently_up_to_eval_concurrency() -> None:
         assert server.peak == 4 and elapsed < 8 * 0.2  # 4 in flight, never more
     finally:
         server.close()
+
+
+def test_mt_bench_generates_both_turns_through_the_endpoint(engine, monkeypatch) -> None:
+    """MT-Bench through `runner.evaluate` on a ServedModel: turn 1 and turn 2 (built on turn 1's answer) come from
+    /v1/completions at FastChat's temperatures (0.7 sampled and seeded, 0 greedy), the judge from the same stub's
+    chat route; the records are the suite's own."""
+    monkeypatch.setenv("SERVING_TEST_KEY", KEY)
+    fixtures = REPO / "tests" / "fixtures"
+    cfg = {
+        **_cfg(engine),
+        "backend": "openai",
+        "suites": ["mt_bench"],
+        "data_files": str(fixtures / "mt_bench_questions.jsonl"),
+    }
+    cfg["judge"] = {"base_url": _url(engine), "model": "judge-model", "api_key_env": "SERVING_TEST_KEY",
+                    "reference_answers": str(fixtures / "mt_bench_reference_gpt4.jsonl")}  # fmt: skip
+    served = ServedModel(ServedTask({"add_special_tokens": True}, 5, byte_tokenizer()))
+    metrics = evaluate(served, cfg, None, template="alpaca")["mt_bench"]
+    assert metrics["n"] == 8 and metrics["score"] == 5.0  # the stub judge rates every turn [[5]]
+    bodies = [r["body"] for r in _posts(engine) if r["path"] == "/v1/completions"]
+    assert len(bodies) == 16  # 8 questions, 2 turns
+    turn2 = [b for b in bodies if "answer to" in b["prompt"]]
+    assert len(turn2) == 8 and all(b["prompt"].count("### Instruction:") == 2 for b in turn2)
+    temps = sorted({b["temperature"] for b in bodies})
+    assert temps == [0.0, 0.1, 0.7] and all(("seed" in b) == (b["temperature"] > 0) for b in bodies)
 
 
 def test_engine_detection() -> None:

@@ -97,11 +97,11 @@ class _Composer:
 
     @classmethod
     def create(cls, args: Any) -> _Composer:
-        """The Hydra instance `hydra.main` in train.py would create for these arguments."""
+        """The Hydra instance `hydra.main` in cli/train.py would create for these arguments."""
         from hydra._internal.hydra import Hydra
         from hydra._internal.utils import create_automatic_config_search_path
 
-        train_py = str(Path(CONF_DIR).parent / "train.py")
+        train_py = str(Path(__file__).with_name("train.py"))  # the file whose hydra.main this mirrors
         search_path = create_automatic_config_search_path(train_py, None, args.config_path or CONF_DIR)
         if args.config_dir is not None:
             from hydra.core.config_search_path import SearchPathQuery

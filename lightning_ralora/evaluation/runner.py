@@ -18,6 +18,10 @@ from typing import Any
 
 import torch
 
+from lightning_ralora.adapters.schema import is_number, is_pos_int
+from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.core.signals import check_stop
+from lightning_ralora.data.tokenizer import load_tokenizer
 from lightning_ralora.evaluation.base import (
     CLASSIFICATION_CHECKS,
     CLASSIFICATION_SUITES,
@@ -30,8 +34,11 @@ from lightning_ralora.evaluation.base import (
     read_rows,
     suite_file,
 )
+from lightning_ralora.evaluation.generate import ReplayGenerate, make_generate
+from lightning_ralora.evaluation.lm_eval_backend import evaluate_with_lm_eval
 from lightning_ralora.evaluation.outputs import TABLE_ROWS, log_wandb, write_outputs
 from lightning_ralora.evaluation.serving import endpoint_generate, served_cfg_problem
+from lightning_ralora.tasks import TASKS
 
 
 def load_suite_modules(plugins: Sequence[str] = ()) -> None:
@@ -97,8 +104,6 @@ def build_suite(cls: type[GenerationSuite], cfg: Mapping[str, Any], tokenizer: A
 def check_eval_values(cfg: Mapping[str, Any]) -> None:
     """The `eval` keys the suites read, when set: batch_size, max_samples, max_new_tokens, num_beams and samples
     positive integers, temperature a number >= 0, top_p in (0, 1] (null: the suite's protocol)."""
-    from lightning_ralora.adapters.schema import is_number, is_pos_int
-
     counts = {
         "batch_size": "8 per call",
         "max_samples": "every example",
@@ -122,8 +127,6 @@ CLASSIFICATION_FAMILIES = {"glue": ("seq_classification",), "image": ("image_cla
 def check_run_tokenizer(names: Sequence[str], backend: str, run_task: str | None) -> None:
     """Generation suites (and the lm_eval backend) decode with the run's tokenizer, which only tasks that load
     `model.tokenizer` have: refuse the others (task=planted) before any model loads."""
-    from lightning_ralora.tasks import TASKS
-
     task_cls = TASKS.get(run_task) if run_task else None
     generating = [n for n in names if backend == "lm_eval" or n in SUITES]
     if task_cls is None or task_cls.loads_tokenizer or not generating:
@@ -258,7 +261,6 @@ def generation_settings(module_or_model: Any, eval_cfg: Mapping[str, Any]) -> di
 def stoppable(generate: Callable[..., list[str]], suite: str) -> Callable[..., list[str]]:
     """`generate` that first checks for a stop signal (cluster.check_stop): an evaluation ends at a batch boundary,
     nothing written (a resume evaluates again)."""
-    from lightning_ralora.core.signals import check_stop
 
     def call(*args: Any, **kwargs: Any) -> list[str]:
         check_stop(f"eval ({suite})")
@@ -276,8 +278,6 @@ def run_jobs(
 ) -> dict[str, dict[str, float]]:
     """Run prepared suites on this rank's shard, gather on every rank, and (rank 0) write the outputs.
     Returns {suite: {metric: value, "n": count}} on every rank."""
-    from lightning_ralora.evaluation.generate import ReplayGenerate, make_generate
-
     cfg = plain_cfg(eval_cfg)
     rank, world = _dist()
     metrics: dict[str, dict[str, float]] = {}
@@ -322,8 +322,6 @@ def _lm_eval_on_rank0(
     module_or_model: Any, names: list[str], cfg: Mapping[str, Any], tokenizer: Any
 ) -> dict[str, dict[str, float]]:
     """`eval.backend=lm_eval`: lm-evaluation-harness scores the merged model on rank 0; every rank gets the result."""
-    from lightning_ralora.evaluation.lm_eval_backend import evaluate_with_lm_eval
-
     rank, world = _dist()
     result: list[Any] = [None]
     if rank == 0:
@@ -381,8 +379,6 @@ def run_template(run_cfg: Mapping[str, Any]) -> str | None:
 
 def prepare_training_eval(cfg: Mapping[str, Any]) -> list[SuiteJob]:
     """The suites a training config lists (none: []), prepared before training; problems become a ConfigError."""
-    from lightning_ralora.core.errors import ConfigError
-
     if not eval_requested(cfg):
         return []
     if (cfg.get("eval") or {}).get("backend") == "openai":
@@ -414,8 +410,6 @@ def template_tokenizer(template: str | None, tokenizer: str | None) -> Any:
     loads it: `model.tokenizer`); None for the other templates, which need none."""
     if template != "chat":
         return None
-    from lightning_ralora.data.tokenizer import load_tokenizer
-
     try:
         return load_tokenizer(tokenizer)
     except (OSError, ValueError) as err:

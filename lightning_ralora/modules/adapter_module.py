@@ -101,7 +101,7 @@ class AdapterModule(L.LightningModule):
     ) -> None:
         super().__init__()
         hparams = {"model_cfg": model_cfg, "task_cfg": task_cfg, "adapter_cfg": adapter_cfg, "optim_cfg": optim_cfg}
-        # in every checkpoint (secrets redacted); not to the loggers: W&B gets the resolved config once (run.py)
+        # in every checkpoint (secrets redacted); not to the loggers: W&B gets the resolved config once (run/build.py)
         self.save_hyperparameters(redact({**hparams, "seed": seed}), logger=False)
         self.model_cfg, self.adapter_cfg, self.optim_cfg = dict(model_cfg), dict(adapter_cfg), dict(optim_cfg)
         self.run_dir = Path(run_dir) if run_dir else None

@@ -18,6 +18,7 @@ from lightning_ralora.callbacks.divergence import Diverged
 from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.core.signals import Interrupted, StopRequest, check_stop, install_stop_handlers
 from lightning_ralora.evaluation.runner import prepare_training_eval, run_test_stage
+from lightning_ralora.modules.adapter_module import read_plan
 from lightning_ralora.run.build import (
     RunIdentity,
     build_callbacks,
@@ -66,8 +67,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def _fit_and_record(cfg: DictConfig, run_dir: Path, ckpt: str | None, identity, eval_jobs) -> dict[str, Any]:
     """The compute of `train`, in its claimed run dir: seed, build, fit, validate, evaluate, record."""
-    from lightning_ralora.modules.adapter_module import read_plan
-
     check_stop("start")  # a signal before any compute (e.g. between the jobs of a sweep)
     if cfg.get("deterministic"):
         torch.use_deterministic_algorithms(True)

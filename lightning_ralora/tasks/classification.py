@@ -21,6 +21,7 @@ from torch import nn
 from lightning_ralora.adapters.schema import is_int, pos_int
 from lightning_ralora.data.datamodule import ListDataModule
 from lightning_ralora.data.tokenizer import load_tokenizer
+from lightning_ralora.modules.backbone import load_config
 from lightning_ralora.tasks.base import Task
 from lightning_ralora.tasks.text_data import EncodedText, check_data_source, tokenizer_key
 
@@ -80,8 +81,6 @@ def eos_pooled(model_cfg: Mapping[str, Any]) -> bool:
     if model_cfg.get("config"):
         model_type = dict(model_cfg["config"]).get("model_type")
     elif model_cfg.get("pretrained"):
-        from lightning_ralora.modules.backbone import load_config
-
         model_type = load_config(model_cfg).model_type
     else:
         return False

@@ -12,13 +12,12 @@ from torch import nn
 
 from lightning_ralora.adapters.schema import is_int, pos_int
 from lightning_ralora.data.datamodule import ListDataModule
+from lightning_ralora.modules.backbone import load_config
 from lightning_ralora.tasks.base import Task
 
 
 def model_image_size(model_cfg: Mapping[str, Any]) -> int:
     """The input resolution the backbone was built for (`image_size` of its config or its vision config)."""
-    from lightning_ralora.modules.backbone import load_config
-
     config = load_config(model_cfg)
     size = getattr(config, "image_size", None) or getattr(getattr(config, "vision_config", None), "image_size", None)
     return int(size or 224)

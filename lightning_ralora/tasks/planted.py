@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_ralora.adapters import AdapterLayer
 from lightning_ralora.adapters.inject import find_targets
 from lightning_ralora.adapters.schema import is_int, pos_number
 from lightning_ralora.data.datamodule import BuiltInSetup, ListDataModule
@@ -227,6 +228,4 @@ class PlantedTask(Task):
     def _adapter_layers(self) -> dict[str, Any]:
         if self.student is None:
             return {}
-        from lightning_ralora.adapters import AdapterLayer
-
         return {n: m for n in self.planted if isinstance(m := self.student.get_submodule(n), AdapterLayer)}
