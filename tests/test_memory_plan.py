@@ -138,7 +138,6 @@ def test_cli_writes_json(tmp_path, monkeypatch, capsys) -> None:
     import json
     import sys
 
-
     monkeypatch.setattr(sys, "argv", ["lightning-ralora-plan-memory", f"hydra.run.dir={tmp_path}", "--json"])
     plan_memory_main()
     written = json.loads((tmp_path / "plan_memory.json").read_text())
