@@ -136,9 +136,10 @@ def _sampler(fn: Callable[[], Any], env: Env) -> Callable[[], float]:
     return sample
 
 
-def run(env: Env) -> dict[str, Any]:
+def run(env: Env, endpoint: bool | None = None) -> dict[str, Any]:
     """Time batch 1, batch 8 and merged batch 8 (interleaved) and report the examples/s ratios; outside `--quick`
-    also merged batch-all and the endpoint without and with continuous batching, against the fastest merged batch."""
+    also merged batch-all and (unless `endpoint` is False) the endpoint without and with continuous batching,
+    against the fastest merged batch."""
     sizes = QUICK if env.quick else FULL
     repeats = env.repeats.get("generation", 2 if env.quick else 7)
     texts, max_new = prompts(sizes["prompts"]), sizes["max_new_tokens"]
@@ -156,7 +157,11 @@ def run(env: Env) -> dict[str, Any]:
         else:
             n = len(texts)
             fns[f"batch{n}_merged"] = _pass(make_generate(merged, tok, batch_size=n, progress=False), texts, max_new)
+            if endpoint is False:
+                notes.append("endpoint: not measured (in-process generation only)")
             for name, cb, concurrency in (("endpoint", False, ENDPOINT_CONCURRENCY), ("endpoint_cb", True, n)):
+                if endpoint is False:
+                    break
                 endpoint, why = servers.enter_context(served(merged, tok, env, cb, concurrency))
                 if endpoint is None:
                     notes.append(f"{name}: not measured: {why}")

@@ -14,13 +14,16 @@ FULL = {"tokens": 4096, "shapes": [(1024, 1024), (1024, 4096)]}  # (in, out)
 QUICK = {"tokens": 64, "shapes": [(32, 32), (32, 128)]}
 
 
-def _step_fn(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> Any:
-    """One forward + backward; gradients are dropped afterwards so no call pays for accumulation."""
+def _step_fn(layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast: torch.dtype | None = None) -> Any:
+    """One forward + backward; gradients are dropped afterwards so no call pays for accumulation. With `autocast`
+    the forward runs under `torch.autocast` of that dtype (Lightning's bf16-mixed), the backward outside it."""
     params = [p for p in layer.parameters() if p.requires_grad]
+    amp = torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None)
 
     def step() -> None:
-        y = layer(x)
-        y.backward(grad_out)
+        with amp:
+            y = layer(x)
+        y.backward(grad_out.to(y.dtype))
         x.grad = None
         for p in params:
             p.grad = None

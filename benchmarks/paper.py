@@ -45,6 +45,10 @@ DESCRIPTIONS = {
     "peft_gralora": f"peft GraLoRA r, gralora_k={GRID}",
     "lora_compiled": "our LoRA r with adapter.compile=true (torch.compile of the update)",
     "sds_compiled": "our SDS-LoRA r (SDS phase) with adapter.compile=true",
+    # the GPU acceptance run's further presets (benchmarks/gpu)
+    "rslora": "our rsLoRA r, alpha 2r, scale alpha/sqrt(r)",
+    "ralora_pro": "RaLoRA-Pro's layer (RaLoRALinear) at r, 2 blocks: its plan differs from RaLoRA's, not its kernel",
+    "peft_dora": "peft DoRA r",
 }
 COMPILED = "_compiled"
 
@@ -55,6 +59,8 @@ def spec(variant: str, r: int) -> Any:
 
     cfgs = {
         "lora": ("lora", {"alpha": 2.0 * r}),
+        "rslora": ("lora", {"alpha": 2.0 * r, "rslora": True}),
+        "ralora_pro": ("ralora", {"alpha": 2.0 * r, "n_blocks": 2, "scale": None}),
         "ralora": ("ralora", {"alpha": 2.0 * r, "n_blocks": GRID, "scale": None}),
         "gralora": ("gralora", {"alpha": 2.0 * r, "k": GRID}),
         "hybrid": ("gralora", {"alpha": 2.0 * r, "k": GRID, "hybrid_r": r // 2}),
@@ -66,11 +72,13 @@ def spec(variant: str, r: int) -> Any:
 
 
 def peft_config(variant: str, r: int, targets: list[str]) -> Any:
-    """peft's LoRA or GraLoRA at rank r."""
-    from peft import GraloraConfig, LoraConfig
+    """peft's LoRA, DoRA or GraLoRA at rank r."""
+    from peft import LoraConfig
 
-    if variant == "peft_lora":
-        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets)
+    if variant in ("peft_lora", "peft_dora"):
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, use_dora=variant == "peft_dora")
+    from peft import GraloraConfig
+
     return GraloraConfig(r=r, alpha=2 * r, gralora_k=GRID, target_modules=targets)
 
 
@@ -92,12 +100,19 @@ def build_layer(variant: str, base: nn.Linear, r: int) -> nn.Module:
     return layer
 
 
-def run_layers(env: Env) -> tuple[dict[str, Any], list[Figure]]:
-    """Every layer variant on each paper shape, interleaved; ratios against our LoRA, peft and the floor."""
-    shapes = QUICK_LAYERS if env.quick else FULL_LAYERS
+def run_layers(
+    env: Env,
+    shapes: list[tuple[str, str, int, int, int]] | None = None,
+    variants: tuple[str, ...] = LAYER_VARIANTS,
+    autocast: torch.dtype | None = None,
+    min_sample_s: float | None = None,
+) -> tuple[dict[str, Any], list[Figure]]:
+    """Every layer variant on each paper shape, interleaved; ratios against our LoRA, peft and the floor.
+    `shapes`, `variants`, `autocast` (forward under torch.autocast) and `min_sample_s` default to this section's."""
+    shapes = shapes or (QUICK_LAYERS if env.quick else FULL_LAYERS)
     tokens = 16 if env.quick else TOKENS[env.device.type]
     repeats = env.repeats.get("paper", 2 if env.quick else 5)
-    min_sample_s = 0.001 if env.quick else 0.3
+    min_sample_s = min_sample_s or (0.001 if env.quick else 0.3)
     raw: dict[str, Any] = {}
     figures: list[Figure] = []
     for model_name, proj, n_in, n_out, r in shapes:
@@ -107,8 +122,8 @@ def run_layers(env: Env) -> tuple[dict[str, Any], list[Figure]]:
         x = torch.randn(tokens, n_in, device=env.device, dtype=env.dtype, requires_grad=True)
         grad_out = torch.randn(tokens, n_out, device=env.device, dtype=env.dtype)
         samplers = {}
-        for v in LAYER_VARIANTS:
-            fn = _step_fn(build_layer(v, base, r).train(), x, grad_out)
+        for v in variants:
+            fn = _step_fn(build_layer(v, base, r).train(), x, grad_out, autocast)
             samplers[v] = call_sampler(fn, env, calibrate_inner(fn, env, min_sample_s))
         times = round_robin(samplers, repeats)
         raw[where] = {"tokens": tokens, "times_s": {v: summarize(t) for v, t in times.items()}}
@@ -119,6 +134,12 @@ def run_layers(env: Env) -> tuple[dict[str, Any], list[Figure]]:
 def _figures(key: str, where: str, times: dict[str, list[float]]) -> list[Figure]:
     """The issue's ratios for one layer shape or model step."""
     sec = "paper"
+    if not {"lora", "floor", "peft_lora", "gralora", "peft_gralora"} <= set(times):
+        # a reduced set (a reference missing, e.g. an older peft without GraLoRA): every variant against our LoRA
+        ref = "lora" if "lora" in times else next(iter(times))
+        plain = [v for v in times if v != ref and not v.endswith(COMPILED)]
+        figs = [ratio_figure(f"{key}/{v}_vs_{ref}", sec, f"{where}: {v} / {ref}", times, v, ref) for v in plain]
+        return figs + _compiled_figures(key, where, times)
     figs = [
         ratio_figure(
             f"{key}/lora_vs_floor",
@@ -152,6 +173,13 @@ def _figures(key: str, where: str, times: dict[str, list[float]]) -> list[Figure
         ),
     ]
     for v, name in (
+        ("rslora", "rsLoRA"),
+        ("ralora_pro", "RaLoRA-Pro's layer (2 blocks)"),
+        ("peft_dora", "peft DoRA"),
+    ):
+        if v in times:
+            figs.append(ratio_figure(f"{key}/{v}_vs_lora", sec, f"{where}: {name} / our LoRA", times, v, "lora"))
+    for v, name in (
         ("ralora", f"RaLoRA ({GRID} blocks)"),
         ("gralora", f"GraLoRA (k={GRID})"),
         ("hybrid", "Hybrid GraLoRA"),
@@ -162,14 +190,16 @@ def _figures(key: str, where: str, times: dict[str, list[float]]) -> list[Figure
                 f"{key}/{v}_vs_lora", sec, f"{where}: {name} / our LoRA", times, v, "lora", "paper_variant_vs_lora"
             )
         )
-    for v in ("lora", "sds"):
-        if v + COMPILED in times:
-            figs.append(
-                ratio_figure(
-                    f"{key}/{v}_compiled_vs_eager", sec, f"{where}: {v} compiled / eager", times, v + COMPILED, v
-                )
-            )
-    return figs
+    return figs + _compiled_figures(key, where, times)
+
+
+def _compiled_figures(key: str, where: str, times: dict[str, list[float]]) -> list[Figure]:
+    """adapter.compile on / off for the variants timed both ways."""
+    return [
+        ratio_figure(f"{key}/{v}_compiled_vs_eager", "paper", f"{where}: {v} compiled / eager", times, v + COMPILED, v)
+        for v in ("lora", "sds")
+        if v + COMPILED in times and v in times
+    ]
 
 
 def build_model(env: Env) -> nn.Module:
@@ -202,13 +232,16 @@ def adapt_model(base: nn.Module, variant: str, r: int) -> nn.Module:
     return model
 
 
-def _train_step_fn(model: nn.Module, batch: torch.Tensor) -> Any:
-    """Forward, causal-LM loss, backward, AdamW step, zero_grad."""
+def _train_step_fn(model: nn.Module, batch: torch.Tensor, autocast: torch.dtype | None = None) -> Any:
+    """Forward, causal-LM loss, backward, AdamW step, zero_grad; with `autocast` the forward runs under
+    `torch.autocast` of that dtype (Lightning's bf16-mixed)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5) if params else None
+    amp = torch.autocast(batch.device.type, dtype=autocast, enabled=autocast is not None)
 
     def step() -> None:
-        loss = model(input_ids=batch, labels=batch).loss
+        with amp:
+            loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         if opt is not None:
             opt.step()

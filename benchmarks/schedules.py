@@ -51,8 +51,9 @@ def schedule_cfgs() -> tuple[dict[str, Any], dict[str, Any]]:
     return section(cfg, "adapter"), section(cfg, "callbacks")["alignment"]
 
 
-def run(env: Env) -> dict[str, Any]:
-    """The three schedule figures; SDS and alignment runs are interleaved with plain LoRA runs of the same length."""
+def run(env: Env, parts: tuple[str, ...] = ("gid", "sds", "alignment")) -> dict[str, Any]:
+    """The three schedule figures (those of `parts`); SDS and alignment runs are interleaved with plain LoRA runs of
+    the same length."""
     from lightning_ralora.callbacks.sds_schedule import SDSSchedule
 
     repeats = env.repeats.get("schedules", 1 if env.quick else 3)
@@ -60,8 +61,9 @@ def run(env: Env) -> dict[str, Any]:
     figures: list[Figure] = []
     raw: dict[str, Any] = {}
 
-    fig, raw["gid"] = gid_share(env, repeats)
-    figures.append(fig)
+    if "gid" in parts:
+        fig, raw["gid"] = gid_share(env, repeats)
+        figures.append(fig)
 
     sds, align = schedule_cfgs()
     total = 6 if env.quick else 100
@@ -89,9 +91,9 @@ def run(env: Env) -> dict[str, Any]:
 
     samplers = {"lora": lora_run, "sds": sds_run}
     kwargs: dict[str, Any] | None = None
-    if importlib.util.find_spec("lightning_ralora.callbacks.alignment") is None:
+    if "alignment" in parts and importlib.util.find_spec("lightning_ralora.callbacks.alignment") is None:
         notes.append("alignment overhead not measured: lightning_ralora.callbacks.alignment does not exist yet")
-    else:
+    elif "alignment" in parts:
         from lightning_ralora.callbacks.alignment import GradientAlignment
 
         kwargs = {k: v for k, v in align.items() if k != "_target_"}

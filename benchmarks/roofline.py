@@ -1,0 +1,170 @@
+"""What LoRA and SDS-LoRA must cost over the frozen floor, term by term (`python -m benchmarks.roofline`).
+
+Every matrix product the adapter adds to one linear's forward + backward (with input gradients, as the papers' layers
+train inside a model) is listed with its FLOPs and the bytes it must move at least once (operands read, result
+written; an in-place accumulation reads and writes its output). With this machine's measured rates (the floor's own
+GEMM FLOP rate, a large copy's bandwidth) each term costs at least max(FLOPs / rate, bytes / bandwidth): the roofline
+bound of the ratio over the floor. Each term is also timed alone, and the whole layers side by side (interleaved
+rounds, medians and quartiles), so a measured ratio can be read against what the extra work alone implies."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchmarks.common import calibrate_inner, call_sampler, paired_ratio, pick_env, round_robin, summarize
+from benchmarks.layer import _step_fn
+from benchmarks.paper import build_layer
+
+F32 = 4  # bytes
+
+
+@dataclass(frozen=True)
+class Term:
+    """One product the adapter adds: `out = a @ b` ((rows x inner) @ (inner x cols)), `accumulate` into `out`."""
+
+    name: str
+    rows: int
+    inner: int
+    cols: int
+    accumulate: bool = False
+
+    @property
+    def flops(self) -> int:
+        return 2 * self.rows * self.inner * self.cols
+
+    @property
+    def bytes(self) -> int:
+        out = self.rows * self.cols * (2 if self.accumulate else 1)
+        return F32 * (self.rows * self.inner + self.inner * self.cols + out)
+
+
+def terms(variant: str, t: int, n: int, m: int, r: int) -> list[Term]:
+    """The products LoRA (h = x Aᵀ, y += s h Bᵀ) or SDS-LoRA after its switch (y += s (x Aᵀ) Q_Bᵀ + s (x Q_A) Bᵀ,
+    the Q's constant) add to a frozen n -> m linear at t tokens, rank r: forward, then the backward's weight and input
+    gradients."""
+    lora = [
+        Term("h = x Aᵀ", t, n, r),
+        Term("y += s h Bᵀ", t, r, m, accumulate=True),
+        Term("dB = s dYᵀ h", m, t, r),
+        Term("dh = s dY B", t, m, r),
+        Term("dA = dhᵀ x", r, t, n),
+        Term("dX += dh A", t, r, n, accumulate=True),
+    ]
+    if variant == "lora":
+        return lora
+    return [  # the first product's B is Q_B (no dB), the second's A is Q_A (no dA)
+        *(term for term in lora if term.name != "dB = s dYᵀ h"),
+        Term("h₂ = x Q_A", t, n, r),
+        Term("y += s h₂ Bᵀ", t, r, m, accumulate=True),
+        Term("dB = s dYᵀ h₂", m, t, r),
+        Term("dh₂ = s dY B", t, m, r),
+        Term("dX += dh₂ Q_Aᵀ", t, r, n, accumulate=True),
+    ]
+
+
+def _product(term: Term, device: torch.device) -> Callable[[], Any]:
+    a = torch.randn(term.rows, term.inner, device=device)
+    b = torch.randn(term.inner, term.cols, device=device)
+    out = torch.randn(term.rows, term.cols, device=device)
+    return (lambda: out.addmm_(a, b)) if term.accumulate else (lambda: torch.mm(a, b, out=out))
+
+
+def bandwidth(env: Any, mib: int = 256) -> float:
+    """Bytes per second of a large copy (read + write), the machine's streaming rate."""
+    src = torch.randn(mib * 2**18, device=env.device)
+    dst = torch.empty_like(src)
+    times = round_robin({"copy": call_sampler(lambda: dst.copy_(src), env)}, 7)["copy"]
+    return 2 * F32 * src.numel() / summarize(times)["median"]
+
+
+def measure(t: int, n: int, m: int, r: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Floor, LoRA and SDS layers side by side, each extra term alone, and the roofline bounds."""
+    torch.set_num_threads(threads)
+    env = pick_env("cpu")
+    torch.manual_seed(0)
+    base = nn.Linear(n, m, bias=False)
+    x = torch.randn(t, n, requires_grad=True)
+    grad_out = torch.randn(t, m)
+    samplers = {}
+    for variant in ("floor", "lora", "sds"):
+        fn = _step_fn(build_layer(variant, base, r).train(), x, grad_out)
+        samplers[variant] = call_sampler(fn, env, calibrate_inner(fn, env, 0.2))
+    every = {term.name: term for v in ("lora", "sds") for term in terms(v, t, n, m, r)}
+    for name, term in every.items():
+        fn = _product(term, env.device)
+        samplers[name] = call_sampler(fn, env, calibrate_inner(fn, env, 0.05))
+    times = round_robin(samplers, repeats)
+    median = {k: summarize(v)["median"] for k, v in times.items()}
+    floor_flops = 2 * (2 * t * n * m)  # y = x Wᵀ and dX = dY W
+    rate, bw = floor_flops / median["floor"], bandwidth(env)
+    result: dict[str, Any] = {"shape": {"tokens": t, "in": n, "out": m, "r": r, "threads": threads}}
+    result["machine"] = {"floor_gflops": rate / 1e9, "copy_gb_s": bw / 1e9}
+    for variant in ("lora", "sds"):
+        rows = []
+        for term in terms(variant, t, n, m, r):
+            bound = max(term.flops / rate, term.bytes / bw)
+            rows.append({**asdict(term), "flops": term.flops, "bytes": term.bytes, "bound_s": bound,
+                         "measured_s": median[term.name]})  # fmt: skip
+        result[variant] = {
+            "terms": rows,
+            "extra_flops_share": sum(row["flops"] for row in rows) / floor_flops,
+            "bound_ratio": 1 + sum(row["bound_s"] for row in rows) / median["floor"],
+            "terms_alone_ratio": 1 + sum(row["measured_s"] for row in rows) / median["floor"],
+            "measured_ratio": paired_ratio(times[variant], times["floor"]),
+        }
+    result["sds_vs_lora"] = paired_ratio(times["sds"], times["lora"])
+    result["times_s"] = {k: summarize(v) for k, v in times.items() if k in ("floor", "lora", "sds")}
+    return result
+
+
+def _spread(q: dict[str, Any]) -> str:
+    return f"{q['median']:.3f} ({q['q1']:.3f}–{q['q3']:.3f})"
+
+
+def markdown(results: list[dict[str, Any]]) -> str:
+    """One row per shape and variant: the extra FLOPs, the bounds and the measured ratios."""
+    lines = [
+        "| shape | variant | extra FLOPs | roofline bound | terms timed alone | measured (IQR) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        s = res["shape"]
+        for v in ("lora", "sds"):
+            d, q = res[v], res[v]["measured_ratio"]
+            shape = f"{s['in']}→{s['out']}, {s['tokens']} tokens, r {s['r']}"
+            ratios = f"{d['bound_ratio']:.3f} | {d['terms_alone_ratio']:.3f} | {_spread(q)}"
+            lines.append(f"| {shape} | {v} | {100 * d['extra_flops_share']:.2f} % | {ratios} |")
+        q = res["sds_vs_lora"]
+        lines.append(f"| | sds / lora | | | | {_spread(q)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=512)
+    parser.add_argument("--r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--shapes", default="4096x4096,4096x14336", help="in x out, comma-separated")
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON here")
+    args = parser.parse_args(argv)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    results = [measure(args.tokens, n, m, args.r, args.repeats, args.threads) for n, m in shapes]
+    print(markdown(results))
+    for res in results:
+        rates = res["machine"]
+        print(f"{res['shape']}: floor {rates['floor_gflops']:.1f} GFLOP/s, copy {rates['copy_gb_s']:.1f} GB/s")
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
