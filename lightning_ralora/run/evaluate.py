@@ -1,23 +1,7 @@
-"""`lightning-ralora-eval run_dir=RUN eval=gsm8k [eval.data_files=FILE] [eval.max_new_tokens=N] [trainer=ddp ...]`
-
-Evaluates a finished (or interrupted) training run: the package's Hydra configs (CONF_DIR) composed with the
-overrides give the `eval` and `trainer` sections; the model comes from RUN/checkpoints/last.ckpt (adapter-only
-checkpoints of hub backbones included), else RUN/export; the prompt template is the run's `task.template`.
-The evaluation runs in Lightning's test stage with the configured strategy: `trainer=ddp trainer.devices=2`
-starts 2 processes and each generates its shard. Outputs: RUN/eval.json, RUN/eval/<suite>.jsonl and
-results.json["eval"]. Bad input is one line on stderr and exit code 2, with nothing written.
-
-`eval.completions=FILE` scores existing completions without a model: FILE is JSONL (or .jsonl.gz), one line per
-example in the suite's order ({"completion": ...}, {"completions": [...]} for n samples, {"turns": [a1, a2]} or
-FastChat's {"question_id", "choices": [{"turns": [...]}]} for MT-Bench), matched by `task_id` / `id` /
-`question_id` instead when the lines carry one. RUN needs no checkpoint and is created if missing; its saved config
-(results.json or the checkpoint), when there is one, gives the prompt template.
-
-`eval.backend=openai eval.base_url=URL eval.model=NAME` has a serving engine generate (docs/serving.md): the model
-is not loaded here (the server has it, usually RUN/export); the run's config, tokenizer (RUN/export's, else its
-`model.tokenizer`) and template still shape the prompts. The endpoint must answer and serve NAME before anything
-runs.
-"""
+"""Evaluation of a finished (or interrupted) training run, what `lightning-ralora-eval` runs (its help: cli/eval.py):
+find the model (RUN/checkpoints/last.ckpt, else RUN/export) and the run's prompt template, prepare the suites before
+any weights load, evaluate in Lightning's test stage with the configured strategy (or replay `eval.completions`, or
+generate through a serving engine with `eval.backend=openai`), and add the metrics to the run's record."""
 
 from __future__ import annotations
 
