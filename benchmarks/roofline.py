@@ -77,6 +77,31 @@ def _product(term: Term, device: torch.device) -> Callable[[], Any]:
     return (lambda: out.addmm_(a, b)) if term.accumulate else (lambda: torch.mm(a, b, out=out))
 
 
+def by_hand(x: torch.Tensor, w: torch.Tensor, r: int, grad_out: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    """The floor's and LoRA's forward + backward written out without autograd, in one order on preallocated tensors:
+    LoRA with its input gradient accumulated in place into the floor's (`lora_in_place`), and as autograd does it, a
+    separate tensor summed afterwards (`lora_summed`). Their ratios say what the products cost in context."""
+    (t, n), m, s = x.shape, w.shape[0], 2.0
+    a, b = torch.randn(r, n) / n**0.5, torch.randn(m, r) * 0.01
+    y, dx, h, dh = torch.empty(t, m), torch.empty(t, n), torch.empty(t, r), torch.empty(t, r)
+    da, db = torch.empty(r, n), torch.empty(m, r)
+
+    def floor() -> None:
+        torch.mm(x, w.t(), out=y)
+        torch.mm(grad_out, w, out=dx)
+
+    def lora(in_place: bool) -> None:
+        floor()
+        torch.mm(x, a.t(), out=h)
+        y.addmm_(h, b.t(), alpha=s)
+        torch.mm(grad_out.t(), h, out=db).mul_(s)
+        torch.mm(grad_out, b, out=dh).mul_(s)
+        torch.mm(dh.t(), x, out=da)
+        dx.addmm_(dh, a) if in_place else dx.add_(dh @ a)
+
+    return {"floor_by_hand": floor, "lora_in_place": lambda: lora(True), "lora_summed": lambda: lora(False)}
+
+
 def bandwidth(env: Any, mib: int = 256) -> float:
     """Bytes per second of a large copy (read + write), the machine's streaming rate."""
     src = torch.randn(mib * 2**18, device=env.device)
@@ -97,6 +122,8 @@ def measure(t: int, n: int, m: int, r: int, repeats: int, threads: int) -> dict[
     for variant in ("floor", "lora", "sds"):
         fn = _step_fn(build_layer(variant, base, r).train(), x, grad_out)
         samplers[variant] = call_sampler(fn, env, calibrate_inner(fn, env, 0.2))
+    for name, fn in by_hand(x.detach(), base.weight.detach(), r, grad_out).items():
+        samplers[name] = call_sampler(fn, env, calibrate_inner(fn, env, 0.2))
     every = {term.name: term for v in ("lora", "sds") for term in terms(v, t, n, m, r)}
     for name, term in every.items():
         fn = _product(term, env.device)
@@ -121,6 +148,7 @@ def measure(t: int, n: int, m: int, r: int, repeats: int, threads: int) -> dict[
             "measured_ratio": paired_ratio(times[variant], times["floor"]),
         }
     result["sds_vs_lora"] = paired_ratio(times["sds"], times["lora"])
+    result["by_hand"] = {k: paired_ratio(times[k], times["floor_by_hand"]) for k in ("lora_in_place", "lora_summed")}
     result["times_s"] = {k: summarize(v) for k, v in times.items() if k in ("floor", "lora", "sds")}
     return result
 
@@ -144,6 +172,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             lines.append(f"| {shape} | {v} | {100 * d['extra_flops_share']:.2f} % | {ratios} |")
         q = res["sds_vs_lora"]
         lines.append(f"| | sds / lora | | | | {_spread(q)} |")
+        for name, q in res["by_hand"].items():
+            lines.append(f"| | {name} / floor, without autograd | | | | {_spread(q)} |")
     return "\n".join(lines)
 
 

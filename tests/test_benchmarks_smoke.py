@@ -157,3 +157,4 @@ def test_roofline_cli_reports_bounds_and_measured_ratios(tmp_path: Path) -> None
         assert res[variant]["bound_ratio"] > 1 and res[variant]["measured_ratio"]["median"] > 0
         assert len(res[variant]["terms"]) == (6 if variant == "lora" else 10)
     assert res["sds_vs_lora"]["n"] == 2
+    assert set(res["by_hand"]) == {"lora_in_place", "lora_summed"}
