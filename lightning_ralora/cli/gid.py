@@ -12,13 +12,12 @@ from lightning_ralora.run.compose import CONF_DIR, exit_on_config_error
 
 
 def _hydra_gid(cfg: Any) -> None:
-
+    """One profile; a config error is one line and exit code 2."""
     exit_on_config_error("lightning-ralora-gid", profile_gid, cfg)
 
 
 def gid_main() -> None:
     """`lightning-ralora-gid [overrides]`: the GID profile of a model on a task, same Hydra groups as training."""
-
     hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_hydra_gid)()
 
 

@@ -21,7 +21,6 @@ def _hydra_plan(cfg: DictConfig, as_json: bool = False) -> None:
 
 def main() -> None:
     """`lightning-ralora-plan-memory [overrides] [--json]`: the expected peak memory per GPU of a run config."""
-
     as_json = "--json" in sys.argv
     sys.argv = [a for a in sys.argv if a != "--json"]
 
