@@ -81,6 +81,10 @@ class StubEngine(StubJudge):
             step = server.script.popleft() if server.script else "ok"
         try:
             time.sleep(server.delay)
+        finally:  # counted out before the answer goes: the client may send its next request once it reads it
+            with server.lock:
+                server.inflight -= 1
+        try:
             if step == "timeout":
                 time.sleep(1.0)  # past the client's timeout: it has hung up
                 return
@@ -102,9 +106,6 @@ class StubEngine(StubJudge):
                 self._send({"choices": [{"index": i, "text": text} for i in range(int(body.get("n") or 1))]})
         except (BrokenPipeError, ConnectionResetError):
             pass
-        finally:
-            with server.lock:
-                server.inflight -= 1
 
 
 def reply(prompt: str | list[int]) -> str:
