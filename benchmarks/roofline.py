@@ -5,7 +5,8 @@ train inside a model) is listed with its FLOPs and the bytes it must move at lea
 written; an in-place accumulation reads and writes its output). With this machine's measured rates (the floor's own
 GEMM FLOP rate, a large copy's bandwidth) each term costs at least max(FLOPs / rate, bytes / bandwidth): the roofline
 bound of the ratio over the floor. Each term is also timed alone, and the whole layers side by side (interleaved
-rounds, medians and quartiles), so a measured ratio can be read against what the extra work alone implies."""
+rounds, medians and quartiles), so a measured ratio can be read against what the extra work alone implies; beside
+them, LoRA as one fused autograd Function (the input gradients accumulated in one addmm_)."""
 
 from __future__ import annotations
 
@@ -102,6 +103,37 @@ def by_hand(x: torch.Tensor, w: torch.Tensor, r: int, grad_out: torch.Tensor) ->
     return {"floor_by_hand": floor, "lora_in_place": lambda: lora(True), "lora_summed": lambda: lora(False)}
 
 
+class _FusedLoRA(torch.autograd.Function):
+    """A frozen linear and LoRA as one autograd node, x -> x Wᵀ + s (x Aᵀ) Bᵀ: its backward accumulates the adapter's
+    input gradient into the floor's (dX += dh A, one addmm_) where autograd sums two tensors. A candidate for the
+    layer, timed beside it to say whether that fusion pays."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
+        h = x @ a.t()
+        ctx.save_for_backward(x, w, a, b, h)
+        ctx.s = s
+        return (x @ w.t()).addmm_(h, b.t(), alpha=s)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, w, a, b, h = ctx.saved_tensors
+        dh = (g @ b).mul_(ctx.s)
+        return (g @ w).addmm_(dh, a), None, dh.t() @ x, (g.t() @ h).mul_(ctx.s), None
+
+
+class FusedLoRA(nn.Module):
+    """Our LoRA layer's parameters through `_FusedLoRA` (frozen base without bias, no dropout)."""
+
+    def __init__(self, lora: nn.Module) -> None:
+        super().__init__()
+        self.lora = lora
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.lora
+        return _FusedLoRA.apply(x, layer.base.weight, layer.lora_A, layer.lora_B, layer.scaling)
+
+
 def bandwidth(env: Any, mib: int = 256) -> float:
     """Bytes per second of a large copy (read + write), the machine's streaming rate."""
     src = torch.randn(mib * 2**18, device=env.device)
@@ -119,8 +151,10 @@ def measure(t: int, n: int, m: int, r: int, repeats: int, threads: int) -> dict[
     x = torch.randn(t, n, requires_grad=True)
     grad_out = torch.randn(t, m)
     samplers = {}
-    for variant in ("floor", "lora", "sds"):
-        fn = _step_fn(build_layer(variant, base, r).train(), x, grad_out)
+    layers = {variant: build_layer(variant, base, r).train() for variant in ("floor", "lora", "sds")}
+    layers["lora_fused"] = FusedLoRA(layers["lora"])
+    for variant, layer in layers.items():
+        fn = _step_fn(layer, x, grad_out)
         samplers[variant] = call_sampler(fn, env, calibrate_inner(fn, env, 0.2))
     for name, fn in by_hand(x.detach(), base.weight.detach(), r, grad_out).items():
         samplers[name] = call_sampler(fn, env, calibrate_inner(fn, env, 0.2))
@@ -148,6 +182,7 @@ def measure(t: int, n: int, m: int, r: int, repeats: int, threads: int) -> dict[
             "measured_ratio": paired_ratio(times[variant], times["floor"]),
         }
     result["sds_vs_lora"] = paired_ratio(times["sds"], times["lora"])
+    result["fused_vs_lora"] = paired_ratio(times["lora_fused"], times["lora"])
     result["by_hand"] = {k: paired_ratio(times[k], times["floor_by_hand"]) for k in ("lora_in_place", "lora_summed")}
     result["times_s"] = {k: summarize(v) for k, v in times.items() if k in ("floor", "lora", "sds")}
     return result
@@ -170,8 +205,8 @@ def markdown(results: list[dict[str, Any]]) -> str:
             shape = f"{s['in']}→{s['out']}, {s['tokens']} tokens, r {s['r']}"
             ratios = f"{d['bound_ratio']:.3f} | {d['terms_alone_ratio']:.3f} | {_spread(q)}"
             lines.append(f"| {shape} | {v} | {100 * d['extra_flops_share']:.2f} % | {ratios} |")
-        q = res["sds_vs_lora"]
-        lines.append(f"| | sds / lora | | | | {_spread(q)} |")
+        lines.append(f"| | sds / lora | | | | {_spread(res['sds_vs_lora'])} |")
+        lines.append(f"| | lora as one fused Function / lora | | | | {_spread(res['fused_vs_lora'])} |")
         for name, q in res["by_hand"].items():
             lines.append(f"| | {name} / floor, without autograd | | | | {_spread(q)} |")
     return "\n".join(lines)

@@ -158,3 +158,25 @@ def test_roofline_cli_reports_bounds_and_measured_ratios(tmp_path: Path) -> None
         assert len(res[variant]["terms"]) == (6 if variant == "lora" else 10)
     assert res["sds_vs_lora"]["n"] == 2
     assert set(res["by_hand"]) == {"lora_in_place", "lora_summed"}
+    assert res["fused_vs_lora"]["n"] == 2
+
+
+def test_roofline_fused_lora_function_equals_the_layer_under_autograd() -> None:
+    """The fused candidate (`_FusedLoRA`: base and LoRA as one node, dX accumulated by one addmm_) gives our LoRA
+    layer's output and its x, A and B gradients (B non-zero, so every product counts)."""
+    from benchmarks.roofline import FusedLoRA
+    from lightning_ralora.adapters.lora import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(12, 20, bias=False).requires_grad_(False), r=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x, g = torch.randn(9, 12, requires_grad=True), torch.randn(9, 20)
+    results = []
+    for module in (layer, FusedLoRA(layer)):
+        y = module(x)
+        grads = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), g)
+        results.append((y, *grads))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)
+    assert results[0][3].abs().sum() > 0
