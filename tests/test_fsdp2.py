@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
 from lightning_ralora.cli.consolidate import consolidate
 from lightning_ralora.modules.adapter_module import read_plan
+from lightning_ralora.run.checkpoints import checkpoint_problem
 from lightning_ralora.run.consolidate import load_full_checkpoint
 from tests.conftest import run_cli
 
@@ -82,6 +85,7 @@ def test_fsdp2_resumes_from_its_sharded_last_checkpoint(tmp_path: Path, case: st
     assert last.is_dir() and load_full_checkpoint(last)["global_step"] == 4
     assert read_plan(last) is not None or case != "ralora"
     resumed = _train(tmp_path / "resumed", *common, "ckpt_path=last", "resume.allow_changes=[callbacks.crash]")
+    assert [p.name for p in last.parent.iterdir() if p.name.startswith(".")] == []  # no staged or set-aside copy
     assert resumed["identity"] == full["identity"]
     if case == "ralora":
         assert resumed["plan"]["entries"] == full["plan"]["entries"]
@@ -90,6 +94,53 @@ def test_fsdp2_resumes_from_its_sharded_last_checkpoint(tmp_path: Path, case: st
     one_file = consolidate(last, tmp_path / "consolidated.ckpt")  # the CLI's function: one torch.save file
     assert read_plan(one_file) == read_plan(last)
     _assert_close(_state(one_file), _state(last), atol=0.0)
+
+
+class KillMidSave(L.Callback):
+    """Simulates SLURM killing every rank while the checkpoint of `step` is being written: the shards are on disk,
+    Lightning's meta.pt is not yet (each rank exits hard right after writing its shards)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_save_checkpoint(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step != self.step:
+            return
+        import lightning.pytorch.strategies.model_parallel as model_parallel
+
+        write_shards = model_parallel._distributed_checkpoint_save
+
+        def write_then_die(*a: object, **kw: object) -> None:
+            write_shards(*a, **kw)
+            os._exit(9)
+
+        model_parallel._distributed_checkpoint_save = write_then_die
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_fsdp2_killed_mid_save_keeps_the_previous_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
+    """Killed while writing step 5's sharded last.ckpt (shards written, metadata not): last.ckpt is still step 4's
+    whole checkpoint (not step 4's metadata over step 5's shards), the next start removes the staged copy, and the
+    resumed run ends with the uninterrupted run's weights."""
+    common = ["debug=fast", "trainer=fsdp2", "adapter=lora", "task.train_size=64", "task.val_size=16"]
+    common += ["trainer.max_steps=8", "trainer.val_check_interval=4", "callbacks.checkpoint.every_n_train_steps=1"]
+    full = _train(tmp_path / "full", *common)
+    kill = ["+callbacks.kill._target_=tests.test_fsdp2.KillMidSave", "+callbacks.kill.step=5"]
+    assert run_cli(tmp_path / "resumed", *common, *kill).returncode != 0
+    folder = tmp_path / "resumed" / "checkpoints"
+    assert (folder / ".last.ckpt.partial").is_dir()  # the killed save, never renamed in
+    assert checkpoint_problem(folder / "last.ckpt") is None
+    assert load_full_checkpoint(folder / "last.ckpt")["global_step"] == 4
+    state_at_4 = _state(folder / "last.ckpt")
+    res = run_cli(tmp_path / "resumed", *common, "ckpt_path=last", "resume.allow_changes=[callbacks.kill]")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "removed" in res.stderr and ".last.ckpt.partial" in res.stderr
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+    resumed = json.loads((tmp_path / "resumed" / "results.json").read_text())
+    assert resumed["identity"] == full["identity"]
+    _assert_close(_state(folder / "last.ckpt"), _state(tmp_path / "full" / "checkpoints" / "last.ckpt"), atol=1e-6)
+    assert max((state_at_4[k] - _state(folder / "last.ckpt")[k]).abs().max().item() for k in state_at_4) > 0
 
 
 def _free_port() -> int:

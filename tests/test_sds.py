@@ -73,6 +73,32 @@ def test_factor_gradients_match_closed_form(switched: bool) -> None:
     assert layer.Q_A.grad is None and not layer.Q_A.requires_grad  # Q's are constants in backward
 
 
+@pytest.mark.parametrize("x_needs_grad", [True, False], ids=["inner-layer", "first-layer"])
+def test_switched_update_is_one_autograd_node_and_equals_the_dense_formula(x_needs_grad: bool) -> None:
+    """After the switch a 2-D input runs through `_SDSUpdate` (one node, one rank-2r product): output and the
+    gradients of x, A and B equal autograd through the dense weight W0 + s(B Q_Aᵀ + Q_B A); an input that needs no
+    gradient (a first layer over frozen embeddings) gets none."""
+    layer = _layer()
+    layer.reparameterize()
+    with torch.no_grad():
+        layer.lora_A.add_(0.3 * torch.randn_like(layer.lora_A))
+        layer.lora_B.add_(0.3 * torch.randn_like(layer.lora_B))
+    x = torch.randn(9, IN, dtype=torch.float64, requires_grad=x_needs_grad)
+    g = torch.randn(9, OUT, dtype=torch.float64)
+    y = layer(x)
+    assert type(y.grad_fn.next_functions[0][0]).__name__ == "_SDSUpdateBackward"  # under forward's final view
+    wanted = [x] if x_needs_grad else []
+    got = torch.autograd.grad(y, [*wanted, layer.lora_A, layer.lora_B], g)
+    a, b = layer.lora_A.detach().clone().requires_grad_(), layer.lora_B.detach().clone().requires_grad_()
+    x_ref = x.detach().clone().requires_grad_(x_needs_grad)
+    w = layer.base.weight + layer.scaling * (b @ layer.Q_A.T + layer.Q_B @ a)
+    y_ref = x_ref @ w.T + layer.base.bias
+    want = torch.autograd.grad(y_ref, [x_ref] * x_needs_grad + [a, b], g)
+    torch.testing.assert_close(y, y_ref)
+    for got_t, want_t in zip(got, want, strict=True):
+        torch.testing.assert_close(got_t, want_t)
+
+
 def test_effective_gradient_is_jvp_of_the_factor_gradients() -> None:
     """Ĝ = J Jᵀ G: the first-order change of ΔW along (∂L/∂A, ∂L/∂B), checked with torch.func.jvp."""
     layer = _layer()

@@ -29,7 +29,9 @@ from lightning_ralora.adapters.base import (
     AdapterLayer,
     BlockTerm,
     add_product,
+    autocast_dtype,
     dense,
+    eager_apply,
     kaiming_uniform_,
     single_term,
 )
@@ -122,6 +124,36 @@ def _lowrank_fro(left: torch.Tensor, right: torch.Tensor) -> float:
     return math.sqrt(max(float(((left.T @ left) * (right.T @ right)).sum()), 0.0))
 
 
+class _SDSUpdate(torch.autograd.Function):
+    """out += s·(x Aᵀ Q_Bᵀ + x Q_A Bᵀ) in place as one rank-2r product: h = [x Aᵀ, x Q_A] (t x 2r),
+    out += s h [Q_B, B]ᵀ. Each pass over a tokens-wide tensor happens once instead of twice (out in forward, dY and dX
+    in backward: about 2 points of a 4096² step on CPU); only x and h are saved, the concatenated factors are rebuilt
+    in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Q_A: torch.Tensor,
+                Q_B: torch.Tensor, s: float) -> torch.Tensor:  # fmt: skip
+        h = torch.cat([x @ A.t(), x @ Q_A], dim=1)
+        out.addmm_(h, torch.cat([Q_B, B], dim=1).t(), alpha=s)
+        ctx.mark_dirty(out)
+        ctx.save_for_backward(x, A, B, Q_A, Q_B, h)
+        ctx.s = s
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, A, B, Q_A, Q_B, h = ctx.saved_tensors
+        r, (need_x, need_a, need_b) = A.shape[0], ctx.needs_input_grad[1:4]
+        dh = torch.mm(g, torch.cat([Q_B, B], dim=1)).mul_(ctx.s) if need_x or need_a else None
+        dx = torch.mm(dh, torch.cat([A, Q_A.t()])) if need_x else None
+        da = torch.mm(dh[:, :r].t(), x) if need_a else None
+        db = torch.mm(g.t(), h[:, r:]).mul_(ctx.s) if need_b else None
+        return g, dx, da, db, None, None, None
+
+
+_sds_update_in_place = eager_apply(_SDSUpdate)
+
+
 class SDSLoRALinear(AdapterLayer):
     """LoRA during warm-up, then ΔW = s·(B Q_Aᵀ + Q_B A) with frozen orthonormal Q's; s = α/√r (paper: α = 4)."""
 
@@ -151,10 +183,19 @@ class SDSLoRALinear(AdapterLayer):
 
     # --- forward ------------------------------------------------------------------------------
     def update(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """s·B A x (warm-up) or s·(B Q_Aᵀ x + Q_B A x), each product accumulated into `out` by addmm_ (see
-        `add_product`); the Q's are buffers, so autograd treats them as constants. Not one rank-2r product through
-        cat([B, Q_B]): that saves weight copies for backward (+5 % peak memory on the tiny Llama)."""
+        """s·B A x (warm-up) or s·(B Q_Aᵀ x + Q_B A x), accumulated into `out`: after the switch by `_SDSUpdate` (one
+        rank-2r product) when `out` is 2-D and shares x's, the factors' and the Q's dtype, else product by product
+        (`add_product`, autocast's dtypes). The Q's are buffers, so they get no gradient."""
         x = x.to(self.lora_A.dtype)
+        factors = (self.lora_A, self.lora_B, self.Q_A, self.Q_B)
+        if (
+            self._switched
+            and out is not None
+            and out.dim() == x.dim() == 2
+            and autocast_dtype(out) is None
+            and all(t.dtype == out.dtype for t in (x, *factors))
+        ):
+            return _sds_update_in_place(out, x, *factors, self.scaling)
         y = add_product(out, F.linear(x, self.lora_A), self.Q_B if self._switched else self.lora_B, self.scaling)
         return y if not self._switched else add_product(y, x @ self.Q_A, self.lora_B, self.scaling)
 

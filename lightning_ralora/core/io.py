@@ -1,9 +1,11 @@
-"""Small output helpers shared by the CLIs and the benchmarks: atomic files (JSON, checkpoints) and markdown tables."""
+"""Small output helpers shared by the CLIs and the benchmarks: atomic files (JSON, checkpoints, sharded checkpoint
+directories) and markdown tables."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -55,6 +57,66 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def remove_path(path: str | Path) -> None:
+    """Remove a file, a link or a directory tree at `path`, if anything is there."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def staging_path(path: str | Path) -> Path:
+    """Where a checkpoint directory bound for `path` is written first (a hidden sibling, so a rename never copies,
+    and checkpoint listings skip it)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+def _aside_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def replace_with_staged(path: str | Path, staged: str | Path) -> Path:
+    """Put the complete `staged` file or directory (a sharded checkpoint) under `path`'s name, so `path` is always
+    either the old complete one or the new complete one: `staged` is fsynced, the old `path` renamed aside, `staged`
+    renamed in, the old one removed. (Directories cannot be renamed over one another; killed between the two renames,
+    both complete copies exist, the old one as `.<name>.old`: `recover_replaced` puts it back.)"""
+    path, staged = Path(path), Path(staged)
+    for f in [staged] if staged.is_file() else sorted(p for p in staged.rglob("*") if p.is_file()):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    old = _aside_path(path)
+    remove_path(old)
+    if path.exists() or path.is_symlink():
+        os.rename(path, old)
+    os.rename(staged, path)
+    fsync_dir(path.parent)
+    remove_path(old)
+    return path
+
+
+def recover_replaced(folder: str | Path) -> list[str]:
+    """Undo what a killed `replace_with_staged` left in `folder`: staged copies (never renamed in, so incomplete or
+    unconfirmed) are deleted; an old copy renamed aside comes back under its name when nothing replaced it, else it is
+    deleted. Returns one line per change."""
+    folder, notes = Path(folder), []
+    for staged in sorted(folder.glob(".*.partial")):
+        remove_path(staged)
+        notes.append(f"removed {staged} (a save that did not finish)")
+    for old in sorted(folder.glob(".*.old")):
+        name = folder / old.name[1 : -len(".old")]
+        if name.exists() or name.is_symlink():
+            remove_path(old)
+        else:
+            os.rename(old, name)
+            notes.append(f"restored {name} (its replacement was not renamed in)")
+    return notes
 
 
 def write_json_atomic(path: str | Path, data: Any) -> Path:

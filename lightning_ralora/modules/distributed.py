@@ -10,6 +10,8 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
+from lightning_ralora.core.io import remove_path, replace_with_staged, staging_path
+
 MIXED_PRECISION = (None, "bfloat16", "float16", "float32")
 
 
@@ -56,6 +58,23 @@ class FSDP2Strategy(ModelParallelStrategy):
             tp = 1 if self._tensor_parallel_size == "auto" else int(self._tensor_parallel_size)
             self._data_parallel_size = self.num_nodes * self.num_processes // tp
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """A sharded checkpoint is written whole beside its name and renamed in once every rank has finished, so a
+        kill mid-save (SLURM's time-out, a preemption) leaves the previous one intact. (Lightning writes the shards
+        into the existing directory, so a kill there leaves old metadata over a mix of old and new shards.)"""
+        if not self._save_distributed_checkpoint or storage_options is not None or "://" in str(filepath):
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staged = staging_path(path)
+        if self.is_global_zero:
+            remove_path(staged)  # left by a save that was killed
+        self.barrier("fsdp2_checkpoint_staging")
+        super().save_checkpoint(checkpoint, staged)
+        self.barrier("fsdp2_checkpoint_written")
+        if self.is_global_zero:
+            replace_with_staged(path, staged)
+        self.barrier("fsdp2_checkpoint_renamed")
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """With strict_loading off, a sharded checkpoint holding part of the model (adapter-only, of a pretrained

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lightning_ralora.core.io import atomic_write
+from lightning_ralora.core.io import atomic_write, recover_replaced
 from lightning_ralora.modules.adapter_module import checkpoint_metadata_file
 from lightning_ralora.run.record import ATTEMPTS
 
@@ -88,9 +88,13 @@ def newest_intact_checkpoint(run_dir: str | Path) -> tuple[Path | None, list[str
     return None, skipped
 
 
-def remove_stale_temporaries(run_dir: str | Path) -> None:
-    """Delete the temporary files an interrupted atomic write left (only the lock holder calls this)."""
+def remove_stale_temporaries(run_dir: str | Path) -> list[str]:
+    """Clear what an interrupted write left, before a checkpoint is chosen (only the lock holder calls this): the
+    temporary files of atomic writes, and a killed sharded save's staged or set-aside directories
+    (`io.recover_replaced`). Returns one line per checkpoint restored or removed."""
     for folder in (Path(run_dir), Path(run_dir) / CHECKPOINTS, Path(run_dir) / ATTEMPTS):
         if folder.is_dir():
             for tmp in folder.glob(".*.tmp"):
                 tmp.unlink(missing_ok=True)
+    checkpoints = Path(run_dir) / CHECKPOINTS
+    return recover_replaced(checkpoints) if checkpoints.is_dir() else []

@@ -51,8 +51,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     eval_jobs = prepare_training_eval(cfg)  # bad eval data or suites fail here, before any training
     run_dir = Path(cfg.run_dir)
     with claim(run_dir):  # one writer per run dir (rank 0 holds the lock)
+        recovered = remove_stale_temporaries(run_dir) if is_rank_zero() else []
         start = resolve_ckpt(cfg, run_dir)
-        for note in start.notes:
+        for note in [*recovered, *start.notes]:
             print(note, file=sys.stderr, flush=True)
         if start.skip is not None:  # ckpt_path=auto on a completed run: kept as it is
             if is_rank_zero():
@@ -60,8 +61,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return start.skip
         identity = check_resume_identity(cfg, start.ckpt)  # a changed identity key fails here, before any compute
         identity["fresh_starts"] = fresh_starts(run_dir)  # a run started over in its dir is a new W&B run
-        if is_rank_zero():
-            remove_stale_temporaries(run_dir)
         return _fit_and_record(cfg, run_dir, start.ckpt, identity, eval_jobs)
 
 
