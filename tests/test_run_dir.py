@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from lightning_ralora.core.errors import ConfigError
+from lightning_ralora.core.io import recover_replaced, replace_with_staged, staging_path
 from lightning_ralora.run.checkpoints import checkpoint_problem, newest_intact_checkpoint
 from lightning_ralora.run.record import write_record
 from lightning_ralora.run.rundir import RunLock, lock_owner_stale, plan_start
@@ -260,6 +261,55 @@ def test_fresh_moves_the_earlier_run_aside_and_last_is_this_runs_newest(complete
     rerun = json.loads((run / "results.json").read_text())
     assert rerun["status"] == "completed"
     assert rerun["wandb"]["id"] == earlier["wandb"]["id"] + "-r1"  # a new W&B run, not appended to the old one
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sharded checkpoints: staged beside their name and renamed in (io.replace_with_staged, io.recover_replaced)
+# --------------------------------------------------------------------------------------------------------------
+def _sharded(folder: Path, step: int) -> Path:
+    """A stand-in for a distributed checkpoint directory: two shard files and the two metadata files."""
+    folder.mkdir(parents=True)
+    for name in ("__0_0.distcp", "__1_0.distcp", ".metadata", "meta.pt"):
+        (folder / name).write_text(f"{name} of step {step}")
+    return folder
+
+
+def _contents(folder: Path) -> dict[str, str]:
+    return {p.name: p.read_text() for p in folder.iterdir()}
+
+
+@pytest.mark.parametrize("old", ["directory", "file", "none"])
+def test_a_staged_checkpoint_replaces_the_old_one_whole(tmp_path: Path, old: str) -> None:
+    """The staged directory takes the name with every file as written; the old checkpoint (a sharded directory, a
+    single file, or none) is gone, and nothing is left beside it."""
+    target = tmp_path / "last.ckpt"
+    if old == "directory":
+        _sharded(target, 4)
+    elif old == "file":
+        target.write_text("a one-file checkpoint")
+    staged = _sharded(staging_path(target), 5)
+    want = _contents(staged)
+    replace_with_staged(target, staged)
+    assert _contents(target) == want
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_recovery_drops_an_unfinished_save_and_restores_a_set_aside_checkpoint(tmp_path: Path) -> None:
+    """What a kill leaves: mid-write (a staged copy, the old one in place): the staged copy is removed, the old one
+    kept; between the two renames (the old one set aside, the new one still staged): the old one comes back under its
+    name (no staged copy is trusted: nothing marks it finished); a set-aside copy whose name was filled is removed."""
+    mid_write, between = _sharded(tmp_path / "step=4.ckpt", 4), tmp_path / "last.ckpt"
+    _sharded(staging_path(mid_write), 5)
+    _sharded(tmp_path / ".last.ckpt.old", 4)
+    _sharded(staging_path(between), 5)
+    done = _sharded(tmp_path / "step=6.ckpt", 6)
+    _sharded(tmp_path / ".step=6.ckpt.old", 5)
+    notes = recover_replaced(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "step=4.ckpt", "step=6.ckpt"]
+    assert set(_contents(between).values()) == {f"{n} of step 4" for n in ("__0_0.distcp", "__1_0.distcp",
+                                                                           ".metadata", "meta.pt")}  # fmt: skip
+    assert "step 4" in _contents(mid_write)["meta.pt"] and "step 6" in _contents(done)["meta.pt"]
+    assert len(notes) == 3 and any("restored" in n and "last.ckpt" in n for n in notes)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -183,3 +183,32 @@ def test_sigint_and_sigusr1_outside_slurm_record_the_run_and_exit_128_plus_the_s
     record = results(run)
     assert (record["status"], record["signal"], record["global_step"]) == (status, sig, 3)
     assert record["resume"] == "the same command with ckpt_path=last" and "Traceback" not in out.stderr
+
+
+@pytest.mark.multiprocess
+def test_sigterm_under_fsdp2_saves_a_whole_sharded_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
+    """FSDP2 on two ranks, SIGTERM to rank 0 after step 5 (the ranks agree to stop at the same step): last.ckpt is a
+    complete sharded directory of step 5 (staged and renamed in, nothing left beside it) and `ckpt_path=last` ends
+    with the uninterrupted run's weights."""
+    from lightning_ralora.run.checkpoints import checkpoint_problem, checkpoint_step
+
+    once = tmp_path / "fired"
+    once.write_text("already")
+    job = ["debug=fast", "trainer=fsdp2", "adapter=lora", "wandb.mode=disabled", "trainer.max_steps=8",
+           "task.train_size=64", "task.val_size=16", *signal_at("fit", 5, once)]  # fmt: skip
+    reference = cli(f"hydra.run.dir={tmp_path / 'reference'}", *job)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    once.unlink()
+    run = tmp_path / "run"
+    first = cli(f"hydra.run.dir={run}", *job)
+    assert first.returncode != 0 and "Traceback" not in first.stderr, first.stderr[-3000:]
+    record = results(run)
+    assert (record["status"], record["signal"], record["global_step"]) == ("interrupted", "SIGTERM", 5)
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_dir() and checkpoint_problem(last) is None and checkpoint_step(last) == 5
+    assert [p.name for p in last.parent.iterdir() if p.name.startswith(".")] == []
+    resumed = cli(f"hydra.run.dir={run}", *job, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    done, ref = results(run), results(tmp_path / "reference")
+    assert done["status"] == "completed" and done["global_step"] == ref["global_step"] == 8
+    assert done["adapter_state_digest_per_rank"] == ref["adapter_state_digest_per_rank"]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,8 +20,9 @@ from typing import Any
 import lightning as L
 
 from lightning_ralora.core.errors import ConfigError
-from lightning_ralora.core.io import write_json_atomic
+from lightning_ralora.core.io import replace_with_staged, staging_path, write_json_atomic
 from lightning_ralora.core.signals import Interrupted, install_stop_handlers, slurm_job_id, stop_agreed
+from lightning_ralora.modules.distributed import FSDP2Strategy
 from lightning_ralora.run.checkpoints import AtomicCheckpointIO
 from lightning_ralora.tasks import TASKS
 
@@ -35,32 +35,22 @@ REQUEUE_MARKER = "requeue.json"  # <run_dir>/requeue.json: written on the signal
 
 
 def _save_last(trainer: L.Trainer) -> str:
-    """Save <run_dir>/checkpoints/last.ckpt (every rank takes part); atomic: a file through AtomicCheckpointIO, a
-    sharded directory written beside it and swapped in."""
+    """Save <run_dir>/checkpoints/last.ckpt (every rank takes part), atomically: a file through AtomicCheckpointIO, a
+    sharded directory by FSDP2Strategy (staged and renamed in); any other writer's output is staged here the same
+    way (`io.replace_with_staged`)."""
     ckpt = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
-    if isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) and not _sharded(trainer):
+    sharded = bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
+    atomic_file = isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) and not sharded
+    if atomic_file or isinstance(trainer.strategy, FSDP2Strategy):
         trainer.save_checkpoint(ckpt)
         return str(ckpt)
-    tmp = ckpt.with_name(".last.ckpt.stop-tmp")
-    trainer.save_checkpoint(tmp)
+    staged = staging_path(ckpt)
+    trainer.save_checkpoint(staged)
     trainer.strategy.barrier("stop_checkpoint")
     if trainer.is_global_zero:
-        _replace(tmp, ckpt)
+        replace_with_staged(ckpt, staged)
     trainer.strategy.barrier("stop_checkpoint_replaced")
     return str(ckpt)
-
-
-def _sharded(trainer: L.Trainer) -> bool:
-    return bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    """Move a finished checkpoint (file or distributed-checkpoint directory) over the old one."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.is_symlink() or (tmp.is_dir() and path.exists()):
-        path.unlink()
-    os.replace(tmp, path)
 
 
 class StopOnSignal(L.Callback):
