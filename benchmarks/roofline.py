@@ -49,25 +49,24 @@ class Term:
 
 def terms(variant: str, t: int, n: int, m: int, r: int) -> list[Term]:
     """The products LoRA (h = x Aᵀ, y += s h Bᵀ) or SDS-LoRA after its switch (y += s (x Aᵀ) Q_Bᵀ + s (x Q_A) Bᵀ,
-    the Q's constant) add to a frozen n -> m linear at t tokens, rank r: forward, then the backward's weight and input
-    gradients."""
-    lora = [
-        Term("h = x Aᵀ", t, n, r),
-        Term("y += s h Bᵀ", t, r, m, accumulate=True),
-        Term("dB = s dYᵀ h", m, t, r),
-        Term("dh = s dY B", t, m, r),
-        Term("dA = dhᵀ x", r, t, n),
-        Term("dX += dh A", t, r, n, accumulate=True),
-    ]
+    the Q's constant, computed as one rank-2r product as `_SDSUpdate` does) add to a frozen n -> m linear at t tokens,
+    rank r: forward, then the backward's weight and input gradients."""
     if variant == "lora":
-        return lora
-    return [  # the first product's B is Q_B (no dB), the second's A is Q_A (no dA)
-        *(term for term in lora if term.name != "dB = s dYᵀ h"),
-        Term("h₂ = x Q_A", t, n, r),
-        Term("y += s h₂ Bᵀ", t, r, m, accumulate=True),
+        return [
+            Term("h = x Aᵀ", t, n, r),
+            Term("y += s h Bᵀ", t, r, m, accumulate=True),
+            Term("dB = s dYᵀ h", m, t, r),
+            Term("dh = s dY B", t, m, r),
+            Term("dA = dhᵀ x", r, t, n),
+            Term("dX += dh A", t, r, n, accumulate=True),
+        ]
+    return [  # h = [h₁, h₂]; A gets its gradient through the first half, B through the second
+        Term("h = x [Aᵀ, Q_A]", t, n, 2 * r),
+        Term("y += s h [Q_B, B]ᵀ", t, 2 * r, m, accumulate=True),
         Term("dB = s dYᵀ h₂", m, t, r),
-        Term("dh₂ = s dY B", t, m, r),
-        Term("dX += dh₂ Q_Aᵀ", t, r, n, accumulate=True),
+        Term("dh = s dY [Q_B, B]", t, m, 2 * r),
+        Term("dA = dh₁ᵀ x", r, t, n),
+        Term("dX += dh [A; Q_Aᵀ]", t, 2 * r, n, accumulate=True),
     ]
 
 
