@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from torch import nn
+from transformers import PreTrainedTokenizerFast
 
 from lightning_ralora.run.compose import compose_config
 
@@ -140,3 +142,34 @@ def pids_named(marker: str) -> list[int]:
             except OSError:
                 pass
     return pids
+
+
+# --- a tokenizer with LLaMA-3's special tokens (BOS/EOS handling, chat templates) ---
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+CHAT = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def save_special_tokenizer(path: Path, post: str | None) -> Path:
+    """A byte-level BPE tokenizer with LLaMA-3's special-token names, saved and reloaded as a user's would be.
+    `post`: "bos" (LLaMA-3: BOS before every encoding), "eos" (T5: EOS after it) or None (no post-processor)."""
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    for special in (BOS, EOS, PAD):
+        vocab[special] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    if post == "bos":
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
+        )
+    elif post == "eos":
+        tk.post_processor = processors.TemplateProcessing(
+            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
+        )
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    tok.chat_template = CHAT
+    tok.save_pretrained(path)
+    return path

@@ -159,7 +159,7 @@ def test_roofline_cli_reports_bounds_and_measured_ratios(tmp_path: Path) -> None
         assert len(res[variant]["terms"]) == 6
     assert res["sds_vs_lora"]["n"] == 2
     assert set(res["by_hand"]) == {"lora_in_place", "lora_summed"}
-    assert res["fused_vs_lora"]["n"] == 2
+    assert res["fused_vs_lora"]["n"] == res["sds_vs_by_products"]["n"] == 2
 
 
 def test_roofline_fused_lora_function_equals_the_layer_under_autograd() -> None:
@@ -181,3 +181,23 @@ def test_roofline_fused_lora_function_equals_the_layer_under_autograd() -> None:
     for got, want in zip(results[1], results[0], strict=True):
         torch.testing.assert_close(got, want)
     assert results[0][3].abs().sum() > 0
+
+
+def test_roofline_sds_by_products_equals_the_switched_layer() -> None:
+    """The product-by-product SDS update the roofline times beside the layer gives the switched layer's output and
+    gradients (so the two time the same maths)."""
+    from benchmarks.roofline import SDSByProducts
+    from lightning_ralora.adapters.sds import SDSLoRALinear
+
+    torch.manual_seed(0)
+    layer = SDSLoRALinear(torch.nn.Linear(12, 20, bias=False).requires_grad_(False), r=3, alpha=6.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.reparameterize()
+    x, g = torch.randn(9, 12, requires_grad=True), torch.randn(9, 20)
+    results = []
+    for module in (layer, SDSByProducts(layer)):
+        y = module(x)
+        results.append((y, *torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), g)))
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want)

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from lightning_ralora.data.templates import render_prompt
 from lightning_ralora.data.tokenizer import byte_tokenizer, encode_prompt, special_affixes
@@ -30,47 +30,17 @@ from lightning_ralora.evaluation.generate import make_generate
 from lightning_ralora.evaluation.runner import evaluate, prepare_training_eval
 from lightning_ralora.tasks.sft import IGNORE, SFTTask, encode_pair
 from tests.conftest import make_cfg
-
-BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
-CHAT = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def _save_tokenizer(path: Path, post: str | None) -> Path:
-    """A byte-level BPE tokenizer with LLaMA-3's special-token names, saved and reloaded as a user's would be.
-    `post`: "bos" (LLaMA-3: BOS before every encoding), "eos" (T5: EOS after it) or None (no post-processor)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-
-    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    for special in (BOS, EOS, PAD):
-        vocab[special] = len(vocab)
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tk.decoder = decoders.ByteLevel()
-    if post == "bos":
-        tk.post_processor = processors.TemplateProcessing(
-            single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
-        )
-    elif post == "eos":
-        tk.post_processor = processors.TemplateProcessing(
-            single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, vocab[EOS])]
-        )
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD)
-    tok.chat_template = CHAT
-    tok.save_pretrained(path)
-    return path
+from tests.helpers import save_special_tokenizer
 
 
 @pytest.fixture(scope="module")
 def llama3_dir(tmp_path_factory) -> Path:
-    return _save_tokenizer(tmp_path_factory.mktemp("llama3_tok"), "bos")
+    return save_special_tokenizer(tmp_path_factory.mktemp("llama3_tok"), "bos")
 
 
 @pytest.fixture(scope="module")
 def t5_dir(tmp_path_factory) -> Path:
-    return _save_tokenizer(tmp_path_factory.mktemp("t5_tok"), "eos")
+    return save_special_tokenizer(tmp_path_factory.mktemp("t5_tok"), "eos")
 
 
 @pytest.fixture(scope="module")

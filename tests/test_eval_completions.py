@@ -21,7 +21,7 @@ from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.evaluation.runner import prepare, prepare_training_eval
 from lightning_ralora.run.rehearsal import rehearsal_data
 from tests.conftest import make_cfg
-from tests.helpers import StubJudge, serve_judge
+from tests.helpers import StubJudge, save_special_tokenizer, serve_judge
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -108,9 +108,7 @@ def test_a_chat_template_run_renders_with_its_tokenizer(tmp_path: Path) -> None:
     first, as its template writes it), and the completions are scored on them."""
     from transformers import AutoTokenizer
 
-    from tests.test_bos import _save_tokenizer
-
-    tok_dir = _save_tokenizer(tmp_path / "tok", "bos")
+    tok_dir = save_special_tokenizer(tmp_path / "tok", "bos")
     run = tmp_path / "run"
     run.mkdir()
     config = {"task": {"template": "chat"}, "model": {"tokenizer": str(tok_dir)}}

@@ -19,7 +19,7 @@ from lightning_ralora.tasks.classification import ClassificationTask
 from lightning_ralora.tasks.sft import SFTTask, encode_pair, sft_collator
 from lightning_ralora.tasks.text_data import load_split, tokenizer_key
 from tests.conftest import make_cfg, run_cli
-from tests.test_bos import _save_tokenizer
+from tests.helpers import save_special_tokenizer
 
 N_ROWS = 64  # rows of the sft_file fixture
 
@@ -102,7 +102,7 @@ def test_changed_max_length_template_or_tokenizer_gets_its_own_cache_file(hf_cac
 def test_add_special_tokens_gets_its_own_cache_file(hf_cache: Path, sft_file: Path, tmp_path: Path) -> None:
     """With a tokenizer that adds a BOS, task.add_special_tokens changes the encoding, so it names the cache file:
     each setting's cached rows are encode_pair's with that setting (BOS first, or none)."""
-    tok_dir = _save_tokenizer(tmp_path / "tok", "bos")
+    tok_dir = save_special_tokenizer(tmp_path / "tok", "bos")
     tasks = {special: _sft(sft_file, add_special_tokens=special) for special in (True, False)}
     for task in tasks.values():
         task.tokenizer = load_tokenizer(str(tok_dir))

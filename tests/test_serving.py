@@ -41,8 +41,7 @@ from lightning_ralora.evaluation.serving import (
 )
 from lightning_ralora.run.job import train
 from tests.conftest import make_cfg
-from tests.helpers import StubJudge, serve_judge
-from tests.test_bos import BOS, _save_tokenizer
+from tests.helpers import BOS, StubJudge, save_special_tokenizer, serve_judge
 
 REPO = Path(__file__).resolve().parents[1]
 KEY = "sk-serving-SECRET-31337"
@@ -213,7 +212,7 @@ def test_prompts_are_sent_as_the_ids_in_process_generation_uses(engine, tmp_path
     """A LLaMA-3-style tokenizer (BOS added by its defaults): a plain prompt goes as text (the server adds the one
     BOS), a chat-template prompt that starts with the BOS text goes without it, and a run that encodes without
     special tokens sends the ids (the server would add a BOS); transformers serve, text only, refuses that one."""
-    tok = AutoTokenizer.from_pretrained(_save_tokenizer(tmp_path / "tok", "bos"))
+    tok = AutoTokenizer.from_pretrained(save_special_tokenizer(tmp_path / "tok", "bos"))
     gen = _generate(engine, tok=tok)
     gen(["plain", f"{BOS}<|user|>hi"])
     assert sorted(r["body"]["prompt"] for r in _posts(engine)) == ["<|user|>hi", "plain"]

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_ralora.adapters.attach import attachment
+from lightning_ralora.adapters.registry import adapter_config
 from lightning_ralora.core.errors import ConfigError
 from lightning_ralora.core.io import markdown_table, write_json_atomic
 from lightning_ralora.modules.backbone import adapter_sites, block_module_names, load_config, meta_backbone
@@ -285,7 +286,7 @@ def estimate_memory(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     grads_act = b["activations"] + b["gradients"] if accumulate else max(b["activations"], b["gradients"])
     peak = static + b["fsdp_buffers"] + grads_act
     gid = None
-    if adapter.get("needs_gid") or adapter.get("k") == "auto":  # the warm-up before sharding
+    if adapter_config(adapter).needs_plan:  # its plan comes from a GID warm-up before sharding (RaLoRA, GraLoRA k=auto)
         gid = gid_warmup_bytes(n, shard["world"], base_dtype, bool(model.get("load_on_rank0")))
         gid += layers * per_block * tokens * cb + logits
     return {
