@@ -127,27 +127,27 @@ def _lowrank_fro(left: torch.Tensor, right: torch.Tensor) -> float:
 class _SDSUpdate(torch.autograd.Function):
     """out += s·(x Aᵀ Q_Bᵀ + x Q_A Bᵀ) in place as one rank-2r product: h = [x Aᵀ, x Q_A] (t x 2r),
     out += s h [Q_B, B]ᵀ. Each pass over a tokens-wide tensor happens once instead of twice (out in forward, dY and dX
-    in backward: about 2 points of a 4096² step on CPU); only x and h are saved, the concatenated factors are rebuilt
-    in backward."""
+    in backward: about 2 points of a 4096² step on CPU). Saved for backward: x and h₂ = x Q_A, as product by product
+    (neither h nor the concatenated factors are kept)."""
 
     @staticmethod
     def forward(ctx: Any, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, Q_A: torch.Tensor,
                 Q_B: torch.Tensor, s: float) -> torch.Tensor:  # fmt: skip
-        h = torch.cat([x @ A.t(), x @ Q_A], dim=1)
-        out.addmm_(h, torch.cat([Q_B, B], dim=1).t(), alpha=s)
+        h2 = x @ Q_A
+        out.addmm_(torch.cat([x @ A.t(), h2], dim=1), torch.cat([Q_B, B], dim=1).t(), alpha=s)
         ctx.mark_dirty(out)
-        ctx.save_for_backward(x, A, B, Q_A, Q_B, h)
+        ctx.save_for_backward(x, A, B, Q_A, Q_B, h2)
         ctx.s = s
         return out
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, A, B, Q_A, Q_B, h = ctx.saved_tensors
+        x, A, B, Q_A, Q_B, h2 = ctx.saved_tensors
         r, (need_x, need_a, need_b) = A.shape[0], ctx.needs_input_grad[1:4]
         dh = torch.mm(g, torch.cat([Q_B, B], dim=1)).mul_(ctx.s) if need_x or need_a else None
         dx = torch.mm(dh, torch.cat([A, Q_A.t()])) if need_x else None
         da = torch.mm(dh[:, :r].t(), x) if need_a else None
-        db = torch.mm(g.t(), h[:, r:]).mul_(ctx.s) if need_b else None
+        db = torch.mm(g.t(), h2).mul_(ctx.s) if need_b else None
         return g, dx, da, db, None, None, None
 
 
