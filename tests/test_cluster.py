@@ -208,7 +208,9 @@ def test_each_task_declares_its_objective_in_class_and_yaml() -> None:
     metrics = {"val/loss": 0.5, "val/gap_closed": 0.25}
     assert objective_value("planted", metrics) == 0.25 and objective_value(TASKS["sft"], metrics) == 0.5
     assert objective_value({"name": "planted"}, metrics) == 0.25
-    assert objective_value("classification", metrics) != objective_value("classification", metrics)  # NaN
+    assert objective_value("classification", metrics) == float("-inf")  # not logged: the worst, maximising
+    assert objective_value({"name": "planted", "objective": {"metric": "val/loss", "direction": "minimize"}},
+                           {"val/loss": float("nan")}) == float("inf")  # fmt: skip
 
 
 @pytest.mark.parametrize("search", ["lr", "rank"])
@@ -238,3 +240,28 @@ def test_optuna_two_trials_return_the_objective(tmp_path: Path) -> None:
     values = [r["final_metrics"]["val/gap_closed"] for r in results]
     assert best["best_value"] == pytest.approx(max(values))  # maximised the planted objective
     assert len({r["config"]["optim"]["lr"] for r in results}) == 2  # two sampled learning rates
+
+
+@pytest.mark.slow
+def test_an_optuna_search_goes_on_past_a_failed_trial(tmp_path: Path) -> None:
+    """A trial that fails (here: a crash at step 2, one of the two values Optuna samples) reports the worst value
+    (-inf: the planted objective is maximised) and the search runs its other trials; with NaN, Hydra's Optuna sweeper
+    stopped the whole search after that trial with a traceback ("Values were told ... TrialState.FAIL"). The best
+    trial is the best completed one; the sweep's summary names the failure and it exits 1."""
+    out = cli(
+        "hparams_search=lr",
+        "debug=fast",
+        "hydra.sweeper.n_trials=3",
+        "+callbacks.crash._target_=tests.test_exact_resume.CrashAt",
+        "+callbacks.crash.step=choice(2,10000)",  # 2 crashes; 10000 is past the 12 steps of debug=fast
+        f"paths.root_dir={tmp_path}",
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+    )
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").rglob("results.json"))]
+    status = sorted(r["status"] for r in results)
+    assert len(results) == 3 and "failed" in status and "completed" in status, status
+    best = yaml.safe_load((tmp_path / "sweep" / "optimization_results.yaml").read_text())
+    completed = [r["final_metrics"]["val/gap_closed"] for r in results if r["status"] == "completed"]
+    assert best["best_value"] == pytest.approx(max(completed))
+    assert "completed, 1 not" in out.stderr and "simulated crash after step 2" in out.stderr

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from lightning_ralora.cli.checks import exit_on_bad_command_line
 from lightning_ralora.core.signals import install_stop_handlers
-from lightning_ralora.run.cluster import objective_value
+from lightning_ralora.run.cluster import objective_value, worst_objective
 from lightning_ralora.run.compose import CONF_DIR
 from lightning_ralora.run.hydra_callbacks import SweepSummary
 from lightning_ralora.run.job import run_job
@@ -21,11 +21,11 @@ from lightning_ralora.run.job import run_job
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float:
-    """One job; returns the task's objective (`task.objective.metric`) for Hydra's sweepers (Optuna); NaN for a
-    failed job."""
+    """One job; returns the task's objective (`task.objective.metric`) for Hydra's sweepers (Optuna); the worst
+    value (-inf maximising, +inf minimising) for a job that did not complete, so an Optuna search goes on."""
     results = run_job(cfg)
     if results.get("status", "completed") != "completed":
-        return float("nan")
+        return worst_objective(cfg.task)
     return objective_value(cfg.task, results["final_metrics"])
 
 

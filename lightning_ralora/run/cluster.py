@@ -11,6 +11,7 @@ from that checkpoint with its plan, schedules and W&B run: the same code path as
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -208,11 +209,20 @@ def task_objective(task: str | type | Mapping[str, Any]) -> tuple[str, str]:
     return cls.objective
 
 
+def worst_objective(task: str | type | Mapping[str, Any]) -> float:
+    """The value a failed, diverged or stopped trial reports: -inf when the task maximises, +inf when it minimises.
+    Optuna ranks it last and goes on; NaN would make Hydra's Optuna sweeper stop the whole search with a traceback
+    (optuna 2.10 refuses a NaN value in `tell`, and the sweeper re-raises)."""
+    return float("-inf") if task_objective(task)[1] == "maximize" else float("inf")
+
+
 def objective_value(task: str | type | Mapping[str, Any], final_metrics: Mapping[str, float]) -> float:
-    """The value a sweep optimises: the task's objective metric from results.json's final_metrics (NaN, which
-    Optuna records as a failed trial, when the run did not log it)."""
+    """The value a sweep optimises: the task's objective metric from results.json's final_metrics; the worst value
+    (`worst_objective`) when the run did not log it or logged a NaN."""
     metric, _ = task_objective(task)
-    if metric not in final_metrics:
-        print(f"objective: {metric} was not logged; got {sorted(final_metrics)}", file=sys.stderr, flush=True)
-        return float("nan")
-    return float(final_metrics[metric])
+    value = final_metrics.get(metric)
+    if value is None or math.isnan(float(value)):
+        got = "NaN" if value is not None else f"not logged; got {sorted(final_metrics)}"
+        print(f"objective: {metric} {got}: the trial counts as the worst", file=sys.stderr, flush=True)
+        return worst_objective(task)
+    return float(value)
