@@ -132,6 +132,39 @@ def test_sweep_without_multirun() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("override", "why"),
+    [
+        ("optim.lr=tag(log, interval(-1e-5, 1e-2))", "a log interval needs 0 < low, got low=-1e-05"),
+        ("optim.lr=tag(log, interval(0, 1e-2))", "a log interval needs 0 < low, got low=0.0"),
+        ("optim.lr=interval(1e-2, 1e-5)", "interval(low, high) needs low <= high, got 0.01 > 1e-05"),
+        ("adapter.r=range(8,4)", "range(start, stop, step) holds no value"),
+    ],
+)
+def test_an_optuna_search_space_optuna_would_refuse_is_one_line(override: str, why: str) -> None:
+    """Optuna refuses these ranges with a traceback once the sweep has started (optuna 2.10: `low` must be smaller
+    than or equal to `high`, larger than 0 for a log distribution); here they are one line before anything runs."""
+    assert check_command_line(["hparams_search=lr", override]) == [f"{PROG}: {override}: {why}"]
+
+
+def test_a_bad_search_space_in_a_users_hparams_search_config_is_named(tmp_path: Path) -> None:
+    """The sweeper's `params` from a config (not the command line) are checked too, named by their config key; a
+    search-space key set as hydra.sweeper.params.<key> on the command line gets the form that works."""
+    folder = tmp_path / "conf" / "hparams_search"
+    folder.mkdir(parents=True)
+    text = (Path(CONF_DIR) / "hparams_search" / "lr.yaml").read_text()
+    (folder / "my_lr.yaml").write_text(text.replace("interval(1e-5, 1e-2)", "interval(1e-2, 1e-5)"))
+    assert check_command_line(["--config-dir", str(tmp_path / "conf"), "hparams_search=my_lr"]) == [
+        f"{PROG}: hydra.sweeper.params.optim.lr=tag(log, interval(1e-2, 1e-5)): interval(low, high) needs "
+        "low <= high, got 0.01 > 1e-05"
+    ]
+    override = "hydra.sweeper.params.optim.lr='interval(1e-4, 1e-3)'"
+    assert check_command_line(["hparams_search=lr", override]) == [
+        f"{PROG}: {override}: a search-space key holds dots, so it cannot be set as hydra.sweeper.params.<key> on "
+        "the command line; give the sweep itself: optim.lr=interval(1e-4, 1e-3)"
+    ]
+
+
 def test_run_dir_under_a_file(blocker: Path) -> None:
     assert check_command_line([f"hydra.run.dir={blocker}/run"]) == [_blocked("hydra.run", f"{blocker}/run", blocker)]
     assert blocker.read_text() == "not a directory\n"
@@ -185,10 +218,11 @@ def user_conf(tmp_path: Path) -> Path:
         ["experiment=gralora_code_llama", "debug=rehearsal"],
         ["-m", "adapter=lora,ralora", "seed=0,1"],
         ["hparams_search=lr"],  # a multirun by its config (hydra.mode), no -m
+        ["hparams_search=rank", "optim.lr=tag(log, interval(1e-5, 1e-3))", "adapter.r=range(4,20,4)"],
         ["hydra.searchpath=[file://{conf}]", "adapter=my_lora"],
         ["--config-dir", "{conf}", "adapter=my_lora"],
     ],
-    ids=["default", "experiment", "multirun", "optuna", "searchpath", "config_dir"],
+    ids=["default", "experiment", "multirun", "optuna", "optuna_cli_space", "searchpath", "config_dir"],
 )
 def test_valid_command_lines_have_no_problem(tmp_path: Path, user_conf: Path, argv: list[str]) -> None:
     dirs = [f"hydra.run.dir={tmp_path / 'run'}", f"hydra.sweep.dir={tmp_path / 'sweep'}"]

@@ -157,6 +157,7 @@ class _Composer:
                 directory_checked = True
                 sweep = multirun or str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN")
                 problems += filter(None, [_directory_problem(cfg, sweep)])
+                problems += _search_space_problems(cfg, parsed, parser)
         return problems
 
     def _mode_is_multirun(self, overrides: Sequence[str]) -> bool:
@@ -220,10 +221,16 @@ class _Composer:
         except Exception:
             tree = {}
         close = _close_keys(tree, key)
+        value = text.split("=", 1)[1] if "=" in text else "..."
+        if key in close and key.startswith("hydra.sweeper.params."):  # the params' keys hold dots: no override path
+            param = key[len("hydra.sweeper.params.") :]
+            return (
+                f"{text}: a search-space key holds dots, so it cannot be set as hydra.sweeper.params.<key> on the "
+                f"command line; give the sweep itself: {param}={value.strip(chr(39) + chr(34))}"
+            )
         near = f"closest existing keys: {', '.join(close)}" if close else "no existing key is close"
         if prefix == "~":
             return f"{text}: '{key}' is not in the config, nothing to delete ({near})"
-        value = text.split("=", 1)[1] if "=" in text else "..."
         return f"{text}: '{key}' is not in the config ({near}); to add a new key use +{key}={value}"
 
 
@@ -309,6 +316,45 @@ def _sweep_problem(parsed: Sequence[Any], multirun: bool) -> str | None:
             f"for a string with commas quote it"
         )
     return None
+
+
+def _search_space_problems(cfg: DictConfig, parsed: Sequence[Any], parser: Any) -> list[str]:
+    """Search-space ranges Optuna would refuse with a traceback once the sweep has started: an interval whose low end
+    is above its high end, a log interval reaching 0 or below, a range without values. Both sources count: the
+    sweeper's `params` (an `hparams_search` config) and sweeps on the command line."""
+    from hydra.core.override_parser.types import IntervalSweep, RangeSweep
+
+    sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
+    if sweeper is None or "optuna" not in str(OmegaConf.select(sweeper, "_target_", default="")).lower():
+        return []
+    params = OmegaConf.select(sweeper, "params", default=None) or {}
+    problems: list[str] = []
+    searched = [
+        (o, o.input_line) for o in parsed if o.is_sweep_override() and not o.get_key_element().startswith("hydra.")
+    ]
+    for key, text in params.items():
+        try:
+            searched.append((parser.parse_overrides([f"{key}={text}"])[0], f"hydra.sweeper.params.{key}={text}"))
+        except Exception as err:  # noqa: BLE001 - reported as one line
+            problems.append(f"hydra.sweeper.params.{key}={text}: cannot parse this search space: {_first_line(err)}")
+    for override, where in searched:
+        value = override.value()
+        if isinstance(value, IntervalSweep) and value.start > value.end:
+            problems.append(f"{where}: interval(low, high) needs low <= high, got {value.start} > {value.end}")
+        elif isinstance(value, IntervalSweep) and "log" in value.tags and value.start <= 0:
+            problems.append(f"{where}: a log interval needs 0 < low, got low={value.start}")
+        elif isinstance(value, RangeSweep) and next(_range(value.start, value.stop, value.step), None) is None:
+            problems.append(f"{where}: range(start, stop, step) holds no value")
+    return problems
+
+
+def _range(start: float, stop: float, step: float) -> Iterator[float]:
+    """The values of Hydra's range(start, stop, step) (floats allowed); none for a step of 0."""
+    if step == 0:
+        return
+    while (step > 0 and start < stop) or (step < 0 and start > stop):
+        yield start
+        start += step
 
 
 def _values(override: Any) -> list[str]:
