@@ -101,6 +101,23 @@ def replace_with_staged(path: str | Path, staged: str | Path) -> Path:
     return path
 
 
+def save_staged(path: str | Path, save: Callable[[Path], None], barrier: Callable[[str], None], writer: bool) -> Path:
+    """Save a checkpoint every rank takes part in without ever leaving a partial one under `path`: the `writer` rank
+    removes a staged copy a killed save left, every rank writes its part to `staging_path(path)` (`save`), then the
+    writer renames it in (`replace_with_staged`); `barrier` keeps the ranks in step between the phases."""
+    path = Path(path)
+    staged = staging_path(path)
+    if writer:
+        remove_path(staged)
+    barrier("checkpoint_staging")
+    save(staged)
+    barrier("checkpoint_written")
+    if writer:
+        replace_with_staged(path, staged)
+    barrier("checkpoint_renamed")
+    return path
+
+
 def recover_replaced(folder: str | Path) -> list[str]:
     """Undo what a killed `replace_with_staged` left in `folder`: staged copies (never renamed in, so incomplete or
     unconfirmed) are deleted; an old copy renamed aside comes back under its name when nothing replaced it, else it is

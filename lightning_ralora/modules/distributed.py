@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import nn
 
-from lightning_ralora.core.io import remove_path, replace_with_staged, staging_path
+from lightning_ralora.core.io import save_staged
 
 MIXED_PRECISION = (None, "bfloat16", "float16", "float32")
 
@@ -65,16 +65,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         into the existing directory, so a kill there leaves old metadata over a mix of old and new shards.)"""
         if not self._save_distributed_checkpoint or storage_options is not None or "://" in str(filepath):
             return super().save_checkpoint(checkpoint, filepath, storage_options)
+        write_shards = super().save_checkpoint
         path = Path(self.broadcast(str(filepath)))
-        staged = staging_path(path)
-        if self.is_global_zero:
-            remove_path(staged)  # left by a save that was killed
-        self.barrier("fsdp2_checkpoint_staging")
-        super().save_checkpoint(checkpoint, staged)
-        self.barrier("fsdp2_checkpoint_written")
-        if self.is_global_zero:
-            replace_with_staged(path, staged)
-        self.barrier("fsdp2_checkpoint_renamed")
+        save_staged(path, lambda staged: write_shards(checkpoint, staged), self.barrier, self.is_global_zero)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """With strict_loading off, a sharded checkpoint holding part of the model (adapter-only, of a pretrained

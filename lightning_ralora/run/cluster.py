@@ -21,7 +21,7 @@ from typing import Any
 import lightning as L
 
 from lightning_ralora.core.errors import ConfigError
-from lightning_ralora.core.io import replace_with_staged, staging_path, write_json_atomic
+from lightning_ralora.core.io import save_staged, write_json_atomic
 from lightning_ralora.core.signals import Interrupted, install_stop_handlers, slurm_job_id, stop_agreed
 from lightning_ralora.modules.distributed import FSDP2Strategy
 from lightning_ralora.run.checkpoints import AtomicCheckpointIO
@@ -38,20 +38,14 @@ REQUEUE_MARKER = "requeue.json"  # <run_dir>/requeue.json: written on the signal
 def _save_last(trainer: L.Trainer) -> str:
     """Save <run_dir>/checkpoints/last.ckpt (every rank takes part), atomically: a file through AtomicCheckpointIO, a
     sharded directory by FSDP2Strategy (staged and renamed in); any other writer's output is staged here the same
-    way (`io.replace_with_staged`)."""
+    way (`io.save_staged`)."""
     ckpt = Path(trainer.default_root_dir) / "checkpoints" / "last.ckpt"
     sharded = bool(getattr(trainer.strategy, "_save_distributed_checkpoint", False))
     atomic_file = isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO) and not sharded
     if atomic_file or isinstance(trainer.strategy, FSDP2Strategy):
         trainer.save_checkpoint(ckpt)
         return str(ckpt)
-    staged = staging_path(ckpt)
-    trainer.save_checkpoint(staged)
-    trainer.strategy.barrier("stop_checkpoint")
-    if trainer.is_global_zero:
-        replace_with_staged(ckpt, staged)
-    trainer.strategy.barrier("stop_checkpoint_replaced")
-    return str(ckpt)
+    return str(save_staged(ckpt, trainer.save_checkpoint, trainer.strategy.barrier, trainer.is_global_zero))
 
 
 class StopOnSignal(L.Callback):
