@@ -138,13 +138,22 @@ def test_sweep_without_multirun() -> None:
         ("optim.lr=tag(log, interval(-1e-5, 1e-2))", "a log interval needs 0 < low, got low=-1e-05"),
         ("optim.lr=tag(log, interval(0, 1e-2))", "a log interval needs 0 < low, got low=0.0"),
         ("optim.lr=interval(1e-2, 1e-5)", "interval(low, high) needs low <= high, got 0.01 > 1e-05"),
-        ("adapter.r=range(8,4)", "range(start, stop, step) holds no value"),
+        ("adapter.r=range(8,4)", "this sweep holds no value"),
+        ("adapter.r=range(1,5,0)", "range() arg 3 must not be zero"),
     ],
 )
 def test_an_optuna_search_space_optuna_would_refuse_is_one_line(override: str, why: str) -> None:
     """Optuna refuses these ranges with a traceback once the sweep has started (optuna 2.10: `low` must be smaller
     than or equal to `high`, larger than 0 for a log distribution); here they are one line before anything runs."""
     assert check_command_line(["hparams_search=lr", override]) == [f"{PROG}: {override}: {why}"]
+
+
+@pytest.mark.parametrize(("override", "why"), [("seed=range(1,5,0)", "range() arg 3 must not be zero"),
+                                               ("seed=range(3,1)", "this sweep holds no value")])  # fmt: skip
+def test_a_sweep_without_values_is_one_line_in_a_basic_multirun(override: str, why: str) -> None:
+    """A range stepping by 0 was a traceback from the checks themselves (Hydra raises while listing its values); an
+    empty one would start a sweep of no job."""
+    assert check_command_line(["-m", override]) == [f"{PROG}: {override}: {why}"]
 
 
 def test_a_bad_search_space_in_a_users_hparams_search_config_is_named(tmp_path: Path) -> None:

@@ -146,6 +146,9 @@ class _Composer:
             problem = _sweep_problem(parsed, multirun)
             if problem:
                 return [problem]
+            problems = [p for p in (_sweep_value_problem(o, o.input_line) for o in sweeps) if p]
+            if problems:
+                return problems
         directory_checked = False
         for job in _jobs(parsed) if multirun else [overrides]:
             try:
@@ -157,7 +160,7 @@ class _Composer:
                 directory_checked = True
                 sweep = multirun or str(OmegaConf.select(cfg, "hydra.mode", default="")).endswith("MULTIRUN")
                 problems += filter(None, [_directory_problem(cfg, sweep)])
-                problems += _search_space_problems(cfg, parsed, parser)
+                problems += _search_space_problems(cfg, parser)
         return problems
 
     def _mode_is_multirun(self, overrides: Sequence[str]) -> bool:
@@ -318,43 +321,40 @@ def _sweep_problem(parsed: Sequence[Any], multirun: bool) -> str | None:
     return None
 
 
-def _search_space_problems(cfg: DictConfig, parsed: Sequence[Any], parser: Any) -> list[str]:
-    """Search-space ranges Optuna would refuse with a traceback once the sweep has started: an interval whose low end
-    is above its high end, a log interval reaching 0 or below, a range without values. Both sources count: the
-    sweeper's `params` (an `hparams_search` config) and sweeps on the command line."""
-    from hydra.core.override_parser.types import IntervalSweep, RangeSweep
-
+def _search_space_problems(cfg: DictConfig, parser: Any) -> list[str]:
+    """The Optuna sweeper's `params` (an `hparams_search` config) as `_sweep_value_problem` checks a command line's
+    sweeps, named by their config key."""
     sweeper = OmegaConf.select(cfg, "hydra.sweeper", default=None)
     if sweeper is None or "optuna" not in str(OmegaConf.select(sweeper, "_target_", default="")).lower():
         return []
-    params = OmegaConf.select(sweeper, "params", default=None) or {}
-    problems: list[str] = []
-    searched = [
-        (o, o.input_line) for o in parsed if o.is_sweep_override() and not o.get_key_element().startswith("hydra.")
-    ]
-    for key, text in params.items():
+    problems = []
+    for key, text in (OmegaConf.select(sweeper, "params", default=None) or {}).items():
+        where = f"hydra.sweeper.params.{key}={text}"
         try:
-            searched.append((parser.parse_overrides([f"{key}={text}"])[0], f"hydra.sweeper.params.{key}={text}"))
+            problems.append(_sweep_value_problem(parser.parse_overrides([f"{key}={text}"])[0], where))
         except Exception as err:  # noqa: BLE001 - reported as one line
-            problems.append(f"hydra.sweeper.params.{key}={text}: cannot parse this search space: {_first_line(err)}")
-    for override, where in searched:
-        value = override.value()
-        if isinstance(value, IntervalSweep) and value.start > value.end:
-            problems.append(f"{where}: interval(low, high) needs low <= high, got {value.start} > {value.end}")
-        elif isinstance(value, IntervalSweep) and "log" in value.tags and value.start <= 0:
-            problems.append(f"{where}: a log interval needs 0 < low, got low={value.start}")
-        elif isinstance(value, RangeSweep) and next(_range(value.start, value.stop, value.step), None) is None:
-            problems.append(f"{where}: range(start, stop, step) holds no value")
-    return problems
+            problems.append(f"{where}: cannot parse this search space: {_first_line(err)}")
+    return [p for p in problems if p]
 
 
-def _range(start: float, stop: float, step: float) -> Iterator[float]:
-    """The values of Hydra's range(start, stop, step) (floats allowed); none for a step of 0."""
-    if step == 0:
-        return
-    while (step > 0 and start < stop) or (step < 0 and start > stop):
-        yield start
-        start += step
+def _sweep_value_problem(override: Any, where: str) -> str | None:
+    """A sweep with no value to run or sample, which Hydra or Optuna would meet with a traceback once the sweep has
+    started: a range that is empty or steps by 0, an interval whose low end is above its high end, a log interval
+    reaching 0 or below."""
+    from hydra.core.override_parser.types import IntervalSweep
+
+    value = override.value()
+    if isinstance(value, IntervalSweep) and value.start > value.end:
+        return f"{where}: interval(low, high) needs low <= high, got {value.start} > {value.end}"
+    if isinstance(value, IntervalSweep) and "log" in value.tags and value.start <= 0:
+        return f"{where}: a log interval needs 0 < low, got low={value.start}"
+    if override.is_discrete_sweep():
+        try:
+            if next(iter(override.sweep_string_iterator()), None) is None:
+                return f"{where}: this sweep holds no value"
+        except ValueError as err:  # range(a, b, 0)
+            return f"{where}: {err}"
+    return None
 
 
 def _values(override: Any) -> list[str]:
